@@ -1,0 +1,42 @@
+// The operator schemas of fastgpt: one TORCH_LIBRARY block, the contract every
+// backend implements. Per-device kernels register with TORCH_LIBRARY_IMPL in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; autograd and fake (meta) implementations
+// are registered from Python (fastgpt/_registration.py).
+//
+// Shapes (the book's layout):
+//   q            (B, H, Tq, D)        k, v  (B, H, Tk, D)        same dtype
+//   key_padding_mask  bool (B, Tk), true = keep, or None
+//   out          (B, H, Tq, D)  dtype of q
+//   lse          (B, H, Tq)     float32 log-sum-exp of the scaled, masked scores
+//                               (-inf for a row with no visible key)
+//   causal is bottom-right aligned: query i sees key j iff j <= i + (Tk - Tq).
+//   Dropout keeps P[b,h,i,j] iff philox_uniform(seed, b*H+h, i*Tk+j) >= dropout_p
+//   (see csrc/philox.h), and scales kept weights by 1 / (1 - dropout_p).
+//
+//   x            (N, C) contiguous rows     weight, bias (C,)
+//   y            (N, C) dtype of x          mean, rstd (N,) float32
+#include <torch/library.h>
+#include <Python.h>
+
+TORCH_LIBRARY(fastgpt, m) {
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, "
+        "float scale, float dropout_p, int seed) -> (Tensor out, Tensor lse)");
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? key_padding_mask, bool causal, float scale, float dropout_p, int seed) "
+        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) "
+        "-> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def("layer_norm_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor rstd) "
+        "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+}
+
+// `import fastgpt._C` loads this library (and with it the registrations above).
+// The module records the torch it was built against (checked at import: fastgpt/_extension.py).
+static PyModuleDef fastgpt_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&fastgpt_module);
+  if (m == nullptr) return nullptr;
+  PyModule_AddStringConstant(m, "torch_version", FASTGPT_TORCH_VERSION);
+  return m;
+}

@@ -1,0 +1,184 @@
+"""The backends behind fastgpt.attention / fastgpt.layer_norm, and which one runs.
+
+Each backend declares what it supports (devices, dtypes, head dims) and why it is
+unavailable here, if it is. Selection happens once per call in `select`, after
+fastgpt.ops has validated the inputs and before any kernel runs:
+- an explicit backend that cannot run raises and says why;
+- `auto` takes the first backend of AUTO_ORDER that can.
+
+Availability is computed once, at import, so that selection is plain dictionary
+work that torch.compile traces without graph breaks.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import _extension, reference
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+NAMES = ("naive", "sdpa", "cpu", "cuda", "triton")
+AUTO_ORDER = {"cuda": ("cuda", "triton", "sdpa", "naive"), "cpu": ("cpu", "sdpa", "naive")}
+
+
+@dataclass
+class Backend:
+    name: str
+    description: str
+    dtypes: tuple[torch.dtype, ...]
+    head_dims: tuple[int, ...] | None  # None: any head dim
+    # device type -> None when usable there, else the reason it is not
+    unavailable: dict[str, str | None] = field(default_factory=dict)
+    attention: Callable | None = None  # (q, k, v, causal, key_padding_mask, dropout_p, scale, seed) -> out
+    layer_norm: Callable | None = None  # (x2d, weight, bias, eps) -> y2d
+
+    def why_not(self, device_type: str) -> str | None:
+        return self.unavailable.get(device_type, f"the {self.name} backend does not run on {device_type} tensors")
+
+
+def _sdpa_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed):
+    # SDPA draws its own dropout mask (torch's RNG), so `seed` is unused here.
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if key_padding_mask is None and (not causal or Tq == Tk):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+    keep = reference.visible_keys(Tq, Tk, causal, key_padding_mask, q.device)
+    has_key = keep.any(dim=-1, keepdim=True)  # (B|1, 1, Tq, 1)
+    # SDPA returns NaN for a row with no visible key; let such rows see key 0, then zero them.
+    first_key = torch.arange(Tk, device=q.device) == 0
+    keep = keep | (~has_key & first_key)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p, scale=scale)
+    return out.masked_fill(~has_key, 0.0)
+
+
+def _naive_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed):
+    return reference.attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed)
+
+
+def _extension_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed):
+    return torch.ops.fastgpt.attention_fwd(q, k, v, key_padding_mask, causal, scale, dropout_p, seed)[0]
+
+
+def _extension_layer_norm(x, weight, bias, eps):
+    return torch.ops.fastgpt.layer_norm_fwd(x, weight, bias, eps)[0]
+
+
+def _extension_reasons() -> dict[str, str | None]:
+    """Why the C++ (`cpu`) and CUDA (`cuda`) backends can or cannot run here."""
+    if _extension._C is None:
+        reason = _extension.LOAD_ERROR
+        return {"cpu": reason, "cuda": reason}
+    reasons: dict[str, str | None] = {"cpu": None, "cuda": None}
+    if not _extension.has_kernel("attention_fwd", "CPU"):
+        reasons["cpu"] = "fastgpt._C has no CPU kernels registered (csrc/cpu was not compiled in)"
+    if not _extension.built_with_cuda():
+        reasons["cuda"] = ("fastgpt._C was built without CUDA (no CUDA toolkit or a CPU build of torch "
+                           "at build time; FASTGPT_CUDA=1 forces it)")
+    elif not torch.cuda.is_available():
+        reasons["cuda"] = "no CUDA device is visible (torch.cuda.is_available() is False)"
+    elif torch.cuda.get_device_capability() < (8, 0):
+        major, minor = torch.cuda.get_device_capability()
+        reasons["cuda"] = f"the CUDA kernels need compute capability >= 8.0 (sm_80), this GPU is sm_{major}{minor}"
+    return reasons
+
+
+def _triton_reasons() -> dict[str, str | None]:
+    if importlib.util.find_spec("triton") is None:
+        reason = "triton is not installed (pip install triton)"
+        return {"cpu": reason, "cuda": reason}
+    reasons: dict[str, str | None] = {"cpu": None, "cuda": None}
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        reasons["cpu"] = "Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before import"
+    if not torch.cuda.is_available():
+        reasons["cuda"] = "no CUDA device is visible (torch.cuda.is_available() is False)"
+    return reasons
+
+
+def _build_registry() -> dict[str, Backend]:
+    ext = _extension_reasons()
+    registry = {
+        "naive": Backend("naive", "the book's matmul attention (fastgpt/reference.py)",
+                         FLOAT_DTYPES + (torch.float64,), None, {"cpu": None, "cuda": None},
+                         _naive_attention, reference.layer_norm),
+        "sdpa": Backend("sdpa", "torch.nn.functional.scaled_dot_product_attention / F.layer_norm",
+                        FLOAT_DTYPES + (torch.float64,), None, {"cpu": None, "cuda": None},
+                        _sdpa_attention, lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], w, b, eps)),
+        "cpu": Backend("cpu", "fused C++ kernels (csrc/cpu)", FLOAT_DTYPES + (torch.float64,),
+                       tuple(range(1, 257)), {"cpu": ext["cpu"]},
+                       _extension_attention, _extension_layer_norm),
+        "cuda": Backend("cuda", "fused CUDA kernels (csrc/cuda)", FLOAT_DTYPES, (16, 32, 64, 128),
+                        {"cuda": ext["cuda"]}, _extension_attention, _extension_layer_norm),
+        "triton": Backend("triton", "fused Triton kernels (fastgpt/triton)", FLOAT_DTYPES,
+                          (16, 32, 64, 128), _triton_reasons()),
+    }
+    triton = registry["triton"]
+    if any(reason is None for reason in triton.unavailable.values()):
+        try:
+            from . import triton as triton_kernels
+            triton.attention, triton.layer_norm = triton_kernels.attention, triton_kernels.layer_norm
+        except Exception as error:  # noqa: BLE001 - any import failure makes the backend unavailable
+            reason = f"fastgpt.triton failed to import: {type(error).__name__}: {error}"
+            triton.unavailable = {device: reason for device in triton.unavailable}
+    return registry
+
+
+REGISTRY = _build_registry()
+
+
+def select(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> Backend:
+    """The backend that runs a call on `device` with `dtype` (and `head_dim` for attention)."""
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("naive",)):
+            candidate = REGISTRY[name]
+            if _refusal(candidate, device, dtype, head_dim) is None:
+                return candidate
+        raise RuntimeError(f"fastgpt: no backend can run {dtype} tensors on {device}; see fastgpt.info()")
+    if backend not in REGISTRY:
+        raise ValueError(f"fastgpt: unknown backend {backend!r}; expected one of {('auto',) + NAMES}")
+    chosen = REGISTRY[backend]
+    refusal = _refusal(chosen, device, dtype, head_dim)
+    if refusal is not None:
+        raise (RuntimeError if refusal.startswith("unavailable") else ValueError)(
+            f"fastgpt: backend={backend!r} cannot run this call: {refusal}")
+    return chosen
+
+
+def _refusal(candidate: Backend, device: torch.device, dtype: torch.dtype, head_dim: int | None) -> str | None:
+    why = candidate.why_not(device.type)
+    if why is not None:
+        return f"unavailable on {device.type}: {why}"
+    if dtype not in candidate.dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in candidate.dtypes)
+        return f"dtype {str(dtype).replace('torch.', '')} is not supported; supported dtypes: {names}"
+    if head_dim is not None and candidate.head_dims is not None and head_dim not in candidate.head_dims:
+        dims = candidate.head_dims
+        supported = f"{dims[0]}..{dims[-1]}" if len(dims) > 8 else ", ".join(map(str, dims))
+        return f"head dim {head_dim} is not supported; supported head dims: {supported}"
+    return None
+
+
+def info() -> dict[str, dict]:
+    """backend -> {available, devices, reason, description}; plus 'auto' -> what it picks per device."""
+    report: dict[str, dict] = {}
+    for name, backend in REGISTRY.items():
+        devices = [device for device, why in backend.unavailable.items() if why is None]
+        reasons = {device: why for device, why in backend.unavailable.items() if why is not None}
+        report[name] = {
+            "available": bool(devices),
+            "devices": devices,
+            "reason": "; ".join(f"{device}: {why}" for device, why in reasons.items()) or None,
+            "description": backend.description,
+        }
+    picks = {}
+    for device_type, order in AUTO_ORDER.items():
+        usable = [name for name in order if REGISTRY[name].why_not(device_type) is None]
+        if device_type == "cuda" and not torch.cuda.is_available():
+            continue
+        picks[device_type] = usable[0] if usable else None
+    report["auto"] = {"available": True, "devices": list(picks), "picks": picks,
+                      "reason": None, "description": "the best available backend for the tensors' device"}
+    return report

@@ -1,0 +1,126 @@
+"""The public functional API: input checks and backend dispatch, in one place.
+
+Everything a caller can get wrong is checked here, before any kernel runs, with a
+message that says what was expected. Kernels below this layer may assume valid input.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import backends
+
+_DTYPE_NAMES = "float16, bfloat16, float32 (float64 on the naive, sdpa and cpu backends)"
+_SUPPORTED_DTYPES = backends.FLOAT_DTYPES + (torch.float64,)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(map(str, t.shape)) + ")"
+
+
+def _check_attention(q, k, v, key_padding_mask, dropout_p, scale) -> float:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fastgpt.attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            layout = "(B, H, Tq, D)" if name == "q" else "(B, H, Tk, D)"
+            raise ValueError(f"fastgpt.attention: {name} must be 4-D {layout}, got shape {_shape(t)}")
+        if t.dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(f"fastgpt.attention: {name} has dtype {t.dtype}; expected {_DTYPE_NAMES}")
+    if k.shape != v.shape:
+        raise ValueError(f"fastgpt.attention: k and v must have the same shape (B, H, Tk, D), "
+                         f"got k {_shape(k)} and v {_shape(v)}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"fastgpt.attention: q (B, H, Tq, D) and k, v (B, H, Tk, D) must agree in B, H and D, "
+                         f"got q {_shape(q)} and k {_shape(k)}")
+    if q.numel() == 0 or k.numel() == 0:
+        raise ValueError(f"fastgpt.attention: empty input (q {_shape(q)}, k {_shape(k)}); "
+                         f"B, H, Tq, Tk and D must all be at least 1")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"fastgpt.attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"fastgpt.attention: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__
+            raise ValueError(f"fastgpt.attention: key_padding_mask must be a bool tensor (B, Tk) with True = keep, "
+                             f"got {got}")
+        B, Tk = k.shape[0], k.shape[2]
+        if tuple(key_padding_mask.shape) != (B, Tk):
+            raise ValueError(f"fastgpt.attention: key_padding_mask must have shape (B, Tk) = ({B}, {Tk}), "
+                             f"got {_shape(key_padding_mask)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"fastgpt.attention: key_padding_mask is on {key_padding_mask.device}, "
+                             f"q, k, v on {q.device}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"fastgpt.attention: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"fastgpt.attention: scale must be a finite number or None (1/sqrt(D)), got {scale!r}")
+    return float(scale)
+
+
+def _draw_seed() -> int:
+    """A dropout seed from torch's default generator, so torch.manual_seed makes dropout repeatable."""
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+              key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+              scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Scaled dot-product attention softmax(q kᵀ · scale + mask) v, fused where the backend allows.
+
+    q (B, H, Tq, D); k, v (B, H, Tk, D) -> (B, H, Tq, D) in the dtype of q.
+    causal: bottom-right aligned, query i sees keys j <= i + (Tk - Tq).
+    key_padding_mask: bool (B, Tk), True = keep. A row with no visible key returns zeros.
+    dropout_p: dropout on the attention weights (Philox mask, identical across the fused backends).
+    scale: defaults to 1/sqrt(D). backend: auto | naive | sdpa | cpu | cuda | triton.
+    """
+    scale = _check_attention(q, k, v, key_padding_mask, dropout_p, scale)
+    chosen = backends.select(backend, q.device, q.dtype, q.shape[-1])
+    seed = _draw_seed() if dropout_p > 0.0 else 0
+    return chosen.attention(q, k, v, bool(causal), key_padding_mask, float(dropout_p), scale, seed)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
+    """Layer norm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias.
+
+    x (..., C); weight, bias (C,) or None (ones / zeros). Statistics in float32 (or float64).
+    weight and bias are cast to the dtype of x (as under autocast), gradients flow back.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fastgpt.layer_norm: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"fastgpt.layer_norm: x must have a non-empty last dim (..., C), got shape {_shape(x)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"fastgpt.layer_norm: x has dtype {x.dtype}; expected {_DTYPE_NAMES}")
+    C = x.shape[-1]
+    params = []
+    for name, t, fill in (("weight", weight, 1.0), ("bias", bias, 0.0)):
+        if t is None:
+            t = torch.full((C,), fill, dtype=x.dtype, device=x.device)
+        elif not isinstance(t, torch.Tensor):
+            raise TypeError(f"fastgpt.layer_norm: {name} must be a tensor or None, got {type(t).__name__}")
+        elif tuple(t.shape) != (C,):
+            raise ValueError(f"fastgpt.layer_norm: {name} must have shape (C,) = ({C},) to match x {_shape(x)}, "
+                             f"got {_shape(t)}")
+        elif t.device != x.device:
+            raise ValueError(f"fastgpt.layer_norm: {name} is on {t.device}, x on {x.device}")
+        elif not t.is_floating_point():
+            raise ValueError(f"fastgpt.layer_norm: {name} must be floating point, got {t.dtype}")
+        params.append(t.to(x.dtype))
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"fastgpt.layer_norm: eps must be a positive finite number, got {eps!r}")
+    chosen = backends.select(backend, x.device, x.dtype)
+    rows = x.reshape(-1, C)
+    if rows.shape[0] == 0:
+        return x * params[0] + params[1]
+    return chosen.layer_norm(rows, params[0], params[1], float(eps)).view(x.shape)
+
+
+def info() -> dict[str, dict]:
+    """Which backends are compiled and usable here, and why not. See fastgpt.backends.info."""
+    return backends.info()

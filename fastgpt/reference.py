@@ -1,0 +1,107 @@
+"""The book's attention and layer norm, written plainly: the one oracle.
+
+Every kernel in fastgpt is tested against these functions run in float64. They are
+also the `naive` backend (run in the input dtype): matmul, mask, softmax, dropout,
+matmul, materialising the (Tq, Tk) score matrix exactly as chapter 3 of
+"Build a Large Language Model (from Scratch)" does.
+
+Beyond the book: Tq <= Tk with bottom-right causal alignment (decoding with a KV
+cache), a key padding mask, rows with no visible key return zeros, and dropout uses
+the counter-based Philox stream of csrc/philox.h so its mask equals the kernels'.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul_u32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of a * b for a uint32 constant and uint32 values in int64."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    lo_product = a * b_lo  # < 2^48
+    t = a * b_hi + (lo_product >> 16)  # < 2^49: a * b == t * 2^16 + (lo_product & 0xFFFF)
+    return t >> 16, ((t << 16) | (lo_product & 0xFFFF)) & _MASK32
+
+
+def philox_uniform(seed: int, head_index: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
+    """Triton's tl.rand(seed | head_index << 32, element) for a 32-bit element counter:
+    Philox-4x32-10 with key (seed, head_index), counter (element, 0, 0, 0), float32 in [0, 1)."""
+    element, head_index = torch.broadcast_tensors(element.to(torch.int64), head_index.to(torch.int64))
+    c0, c1 = element & _MASK32, torch.zeros_like(element)
+    c2, c3 = torch.zeros_like(element), torch.zeros_like(element)
+    k0, k1 = seed & _MASK32, head_index & _MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mul_u32(0xCD9E8D57, c2)
+        hi_a, lo_a = _mul_u32(0xD2511F53, c0)
+        c0, c2 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1
+        c1, c3 = lo_b, lo_a
+        k0 = (k0 + 0x9E3779B9) & _MASK32
+        k1 = (k1 + 0xBB67AE85) & _MASK32
+    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    signed = torch.where(signed < 0, -signed - 1, signed)
+    return signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def dropout_keep_mask(seed: int, B: int, H: int, Tq: int, Tk: int, dropout_p: float,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """bool (B, H, Tq, Tk): which attention weights survive dropout (csrc/philox.h scheme)."""
+    head_index = torch.arange(B * H, device=device, dtype=torch.int64).view(B, H, 1, 1)
+    element = (torch.arange(Tq, device=device, dtype=torch.int64).view(Tq, 1) * Tk
+               + torch.arange(Tk, device=device, dtype=torch.int64).view(1, Tk))
+    return philox_uniform(seed, head_index, element) >= torch.tensor(dropout_p, dtype=torch.float32)
+
+
+def visible_keys(Tq: int, Tk: int, causal: bool, key_padding_mask: torch.Tensor | None,
+                 device: torch.device | str) -> torch.Tensor:
+    """bool (B or 1, 1, Tq, Tk): True where query i may attend to key j.
+    Causal is bottom-right aligned: j <= i + (Tk - Tq)."""
+    keep = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    if causal:  # the book's torch.triu(ones, diagonal=1) mask, shifted for Tq < Tk
+        keep = ~torch.triu(keep, diagonal=1 + Tk - Tq)
+    keep = keep[None, None]
+    if key_padding_mask is not None:
+        keep = keep & key_padding_mask[:, None, None, :]
+    return keep
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+              scale: float | None = None, seed: int = 0) -> torch.Tensor:
+    """Naive attention in the dtype of q.
+    q (B, H, Tq, D); k, v (B, H, Tk, D); key_padding_mask bool (B, Tk), True = keep."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[-2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    keep = visible_keys(Tq, Tk, causal, key_padding_mask, q.device)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    # A row with no visible key is all -inf, so softmax gives NaN there: such rows are zeros.
+    weights = torch.where(keep.any(dim=-1, keepdim=True), weights, torch.zeros_like(weights))
+    if dropout_p > 0.0:
+        kept = dropout_keep_mask(seed, B, H, Tq, Tk, dropout_p, q.device)
+        weights = torch.where(kept, weights / (1.0 - dropout_p), torch.zeros_like(weights))
+    return weights @ v
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, causal: bool = True,
+                  key_padding_mask: torch.Tensor | None = None,
+                  scale: float | None = None) -> torch.Tensor:
+    """(B, H, Tq) log-sum-exp of the scaled, masked scores (-inf for rows with no visible key):
+    what the fused kernels save for their backward pass."""
+    Tq, D = q.shape[-2:]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    keep = visible_keys(Tq, k.shape[-2], causal, key_padding_mask, q.device)
+    return torch.logsumexp(scores.masked_fill(~keep, float("-inf")), dim=-1)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               eps: float = 1e-5) -> torch.Tensor:
+    """The book's LayerNorm over the last dim (biased variance), in the dtype of x."""
+    mean = x.mean(dim=-1, keepdim=True)
+    var = x.var(dim=-1, keepdim=True, unbiased=False)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
