@@ -16,7 +16,7 @@ _SUPPORTED_DTYPES = backends.FLOAT_DTYPES + (torch.float64,)
 
 
 def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(map(str, t.shape)) + ")"
+    return str(tuple(t.shape))
 
 
 def _check_attention(q, k, v, key_padding_mask, dropout_p, scale) -> float:
