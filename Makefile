@@ -10,12 +10,11 @@ CUDA_SOURCES := $(wildcard csrc/cuda/*.cu csrc/cuda/*.cuh)
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h) $(CUDA_SOURCES)
 EXT := fastgpt/_C$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
-.PHONY: all setup build test test-fast bench cmake-build wheel-check clean
+.PHONY: all setup build test bench cmake-build wheel-check gpu-check clean
 all: test
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements-dev.txt
 	touch $@
 
@@ -31,11 +30,32 @@ $(EXT): $(VENV)/.installed $(CSRC) setup.py
 
 build: $(EXT)
 
+# The whole suite, then the two other ways the extension is built: the wheel (installed into a
+# fresh venv, smoke-tested outside the tree) and CMake (for C++ developers and IDEs).
 test: build
 	$(PY) -m pytest -q tests
+	$(MAKE) wheel-check
+	$(MAKE) cmake-build
 
 bench: build
-	$(PY) -m fastgpt.cli bench context
+	$(PY) -m fastgpt bench context
+
+# Reuses the objects `make build` compiled (setup.cfg: build_ext build_temp), so run it after build.
+wheel-check: build
+	PY=$(PY) tools/wheel_check.sh
+
+cmake-build: $(VENV)/.installed
+	cmake -S . -B build/cmake -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release $(if $(filter 1,$(FASTGPT_CUDA)),-DFASTGPT_CUDA=ON)
+	cmake --build build/cmake -j $(MAX_JOBS)
+	$(PY) -c "import glob, torch; torch.ops.load_library(glob.glob('build/cmake/_C*.so')[0]); \
+	  y, mean, rstd = torch.ops.fastgpt.layer_norm_fwd(torch.randn(2, 8), torch.ones(8), torch.zeros(8), 1e-5); \
+	  assert y.shape == (2, 8) and abs(y.mean().item()) < 1e-5; print('cmake-build: fastgpt ops load and run')"
+
+# On a GPU machine (preinstalled torch, no venv, no network): build, tests, sanitizers,
+# acceptance scripts, benchmarks; every log goes into DIR.  make gpu-check DIR=.gpu/run
+DIR ?= .gpu/run
+gpu-check:
+	tools/gpu_check.sh $(DIR)
 
 clean:
 	rm -rf build dist *.egg-info fastgpt/_C*.so

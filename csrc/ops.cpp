@@ -14,7 +14,7 @@
 //   (see csrc/philox.h), and scales kept weights by 1 / (1 - dropout_p).
 //
 //   x            (N, C) contiguous rows     weight, bias (C,)
-//   y            (N, C) dtype of x          mean, rstd (N,) float32
+//   y            (N, C) dtype of x          mean, rstd (N,) float32 (float64 when x is)
 #include <torch/library.h>
 #include <Python.h>
 

@@ -24,7 +24,7 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, key_padding_mask, causal, s
 
 
 def _layer_norm_fwd_fake(x, weight, bias, eps):
-    stats = x.new_empty((x.shape[0],), dtype=torch.float32)
+    stats = x.new_empty((x.shape[0],), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, stats.clone()
 
 

@@ -36,6 +36,8 @@ class Backend:
     unavailable: dict[str, str | None] = field(default_factory=dict)
     attention: Callable | None = None  # (q, k, v, causal, key_padding_mask, dropout_p, scale, seed) -> out
     layer_norm: Callable | None = None  # (x2d, weight, bias, eps) -> y2d
+    # (op, device type, dtype) -> None, or why this backend refuses that combination
+    refuses: Callable[[str, str, torch.dtype], str | None] = lambda op, device_type, dtype: None
 
     def why_not(self, device_type: str) -> str | None:
         return self.unavailable.get(device_type, f"the {self.name} backend does not run on {device_type} tensors")
@@ -98,6 +100,12 @@ def _triton_reasons() -> dict[str, str | None]:
     return reasons
 
 
+def _triton_refuses(op: str, device_type: str, dtype: torch.dtype) -> str | None:
+    if op == "attention" and device_type == "cpu" and dtype == torch.bfloat16:
+        return "Triton's CPU interpreter has no bfloat16 tl.dot (it returns garbage); use float16 or float32"
+    return None
+
+
 def _build_registry() -> dict[str, Backend]:
     ext = _extension_reasons()
     registry = {
@@ -113,7 +121,7 @@ def _build_registry() -> dict[str, Backend]:
         "cuda": Backend("cuda", "fused CUDA kernels (csrc/cuda)", FLOAT_DTYPES, (16, 32, 64, 128),
                         {"cuda": ext["cuda"]}, _extension_attention, _extension_layer_norm),
         "triton": Backend("triton", "fused Triton kernels (fastgpt/triton)", FLOAT_DTYPES,
-                          (16, 32, 64, 128), _triton_reasons()),
+                          (16, 32, 64, 128), _triton_reasons(), refuses=_triton_refuses),
     }
     triton = registry["triton"]
     if any(reason is None for reason in triton.unavailable.values()):
@@ -130,7 +138,8 @@ REGISTRY = _build_registry()
 
 
 def select(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> Backend:
-    """The backend that runs a call on `device` with `dtype` (and `head_dim` for attention)."""
+    """The backend that runs a call on `device` with `dtype`: attention passes its `head_dim`,
+    layer norm passes None."""
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("naive",)):
             candidate = REGISTRY[name]
@@ -154,6 +163,9 @@ def _refusal(candidate: Backend, device: torch.device, dtype: torch.dtype, head_
     if dtype not in candidate.dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in candidate.dtypes)
         return f"dtype {str(dtype).replace('torch.', '')} is not supported; supported dtypes: {names}"
+    refusal = candidate.refuses("layer_norm" if head_dim is None else "attention", device.type, dtype)
+    if refusal is not None:
+        return refusal
     if head_dim is not None and candidate.head_dims is not None and head_dim not in candidate.head_dims:
         dims = candidate.head_dims
         supported = f"{dims[0]}..{dims[-1]}" if len(dims) > 8 else ", ".join(map(str, dims))

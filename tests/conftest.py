@@ -16,7 +16,6 @@ if not torch.cuda.is_available():
 
 import fastgpt  # noqa: E402  (after TRITON_INTERPRET is set)
 
-KERNEL_BACKENDS = ("cpu", "cuda", "triton")
 HAS_GPU = torch.cuda.is_available()
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -51,14 +50,11 @@ def skip_unsupported_dtype(backend: str, device: str, dtype: torch.dtype) -> Non
         pytest.skip("Triton's interpreter has no bfloat16 tl.dot")
 
 
-@pytest.fixture(params=KERNEL_BACKENDS, ids=lambda b: f"backend={b}")
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda),
+                        pytest.param("triton", marks=pytest.mark.triton)], ids=lambda b: f"backend={b}")
 def kernel(request):
-    """(backend, device) for every fused backend that runs in this session."""
-    backend = request.param
-    mark = {"cuda": pytest.mark.cuda, "triton": pytest.mark.triton}.get(backend)
-    if mark is not None:
-        request.applymarker(mark)
-    return backend, require_backend(backend)
+    """(backend, device) for every fused backend that runs in this session (`-m triton` selects them)."""
+    return request.param, require_backend(request.param)
 
 
 @pytest.fixture

@@ -1,0 +1,313 @@
+// Layer norm over the rows of x, CPU kernels of fastgpt::layer_norm_fwd / layer_norm_bwd.
+//
+//   x, y, grad_y, grad_x  (N, C)   weight, bias, grad_weight, grad_bias  (C,)   all in x's dtype
+//   mean, rstd            (N,)     acc_t: float32 (float64 when x is float64)
+//
+// Arithmetic runs in acc_t (at::opmath_type: float for float32/float16/bfloat16, double for
+// float64) on at::vec::Vectorized<acc_t> blocks; half-precision rows are widened on load and
+// rounded once on store.
+//
+// Forward, per row (rows split across threads by at::parallel_for); a row of a few thousand
+// elements stays in L1 across the passes, so each extra pass costs arithmetic, not memory:
+//   pass 1  m     = Σx / C                        a first estimate of the mean
+//   pass 2  d     = x - m;  c = Σd / C            corrected two-pass statistics: d is small,
+//           mean  = m + c                         so Σd² has no cancellation (E[x²] - E[x]²
+//           var   = Σd² / C - c²                  loses everything when |mean| >> std), and c
+//           rstd  = 1 / sqrt(var + eps)           repairs the rounding of m
+//   pass 3  y     = ((x - m) - c) · rstd · w + b  x - m is (nearly) exact, so y does not inherit
+//                                                 the rounding of mean to acc_t (ulp(1e3) in float32
+//                                                 is 6e-5, far above float32 accuracy for y)
+// Backward, per row, with x̂ = (x - mean) · rstd and g = grad_y · w:
+//   pass 1  Σg, Σg·d, Σd with d = x - mean_saved  Σd/C corrects the saved (rounded) mean as above
+//   pass 2  grad_x = rstd · (g - mean(g) - x̂ · mean(g·x̂))
+//           grad_weight += grad_y · x̂,  grad_bias += grad_y    (this chunk's partial sums)
+// grad_weight and grad_bias are sums over all N rows. Rows are cut into chunks of kRowsPerChunk;
+// each chunk sums its rows into its own (2, C) acc_t row of a scratch tensor, so threads never
+// share an accumulator (no atomics, no locks), then a second parallel loop, over columns, adds
+// the chunk partials in chunk order. Chunks do not depend on the thread count, so the gradients
+// are bitwise the same whatever at::get_num_threads() is.
+
+// No implicit fused multiply-adds (GCC and clang contract a * b + c by default): where the
+// backward subtracts mean(g) from g, both must be the same rounded products, or a row of C = 1
+// (x̂ = 0, rstd = 1/sqrt(eps)) gets rstd · (fma rounding error) instead of an exact zero. FMAs
+// are written explicitly (at::vec::fmadd) where they are wanted. Before the includes, so that
+// every function of this file, ATen's inline vector code included, is compiled the same way.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+
+namespace fastgpt {
+namespace {
+
+template <typename scalar_t>
+using acc_t = at::opmath_type<scalar_t>;
+template <typename scalar_t>
+using AccVec = at::vec::Vectorized<acc_t<scalar_t>>;
+
+// Rows per partial (grad_weight, grad_bias) sum: the scratch is N / kRowsPerChunk × 2C acc_t,
+// a few percent of the traffic of x, grad_y and grad_x.
+constexpr int64_t kRowsPerChunk = 32;
+
+// Loads the n <= AccVec::size() elements at p as acc_t; lanes past n are zero.
+template <typename scalar_t>
+inline AccVec<scalar_t> load(const scalar_t* p, int64_t n) {
+  using Vec = AccVec<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    return Vec::loadu(p, n);
+  } else {
+    if (n == Vec::size()) {
+      Vec v;
+      at::vec::load_to_float(p, v);
+      return v;
+    }
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p, n)));
+  }
+}
+
+// Stores the first n lanes of v at p, rounded to scalar_t.
+template <typename scalar_t>
+inline void store(scalar_t* p, const AccVec<scalar_t>& v, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
+    v.store(p, n);
+  } else {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
+  }
+}
+
+// Calls f(j, n) for the blocks [j, j + n) of a row of C columns: full blocks of Vec::size(),
+// then the tail (n < Vec::size()). Inlined, n is a constant in the main loop.
+template <typename Vec, typename F>
+inline void for_each_block(int64_t C, const F& f) {
+  constexpr int64_t V = Vec::size();
+  int64_t j = 0;
+  for (; j + V <= C; j += V) f(j, V);
+  if (j < C) f(j, C - j);
+}
+
+// Σ over the blocks of a row of f(j, n) (an Acc per block, zero in lanes past n), kept in four
+// independent accumulators so that consecutive adds do not wait on each other's latency.
+template <typename Vec, typename Acc, typename F>
+inline Acc sum_blocks(int64_t C, const Acc& zero, const F& f) {
+  constexpr int64_t V = Vec::size();
+  Acc acc0 = zero, acc1 = zero, acc2 = zero, acc3 = zero;
+  int64_t j = 0;
+  for (; j + 4 * V <= C; j += 4 * V) {
+    acc0 = acc0 + f(j, V);
+    acc1 = acc1 + f(j + V, V);
+    acc2 = acc2 + f(j + 2 * V, V);
+    acc3 = acc3 + f(j + 3 * V, V);
+  }
+  for (; j + V <= C; j += V) acc0 = acc0 + f(j, V);
+  if (j < C) acc0 = acc0 + f(j, C - j);
+  return (acc0 + acc1) + (acc2 + acc3);
+}
+
+template <typename Vec>
+inline typename Vec::value_type horizontal_sum(const Vec& v) {
+  return at::vec::vec_reduce_all<typename Vec::value_type>([](const Vec& a, const Vec& b) { return a + b; }, v);
+}
+
+// Two or three row sums carried through one pass.
+template <typename Vec, int K>
+struct Sums {
+  Vec v[K];
+  Sums operator+(const Sums& o) const {
+    Sums r;
+    for (int k = 0; k < K; ++k) r.v[k] = v[k] + o.v[k];
+    return r;
+  }
+  static Sums zero() {
+    Sums r;
+    for (int k = 0; k < K; ++k) r.v[k] = Vec(0);
+    return r;
+  }
+};
+
+// mean and rstd: float32, float64 for float64 x (so that float64 gradients are float64-exact).
+at::ScalarType stats_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename scalar_t>
+void layer_norm_fwd_rows(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, scalar_t* y,
+                         acc_t<scalar_t>* mean_out, acc_t<scalar_t>* rstd_out, int64_t N, int64_t C,
+                         acc_t<scalar_t> eps) {
+  using acc = acc_t<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const scalar_t* x_row = x + row * C;  // (C,)
+      scalar_t* y_row = y + row * C;        // (C,)
+      const acc m = horizontal_sum(sum_blocks<Vec>(C, Vec(0), [&](int64_t j, int64_t n) {
+                      return load(x_row + j, n);
+                    })) / C;
+      const Vec m_vec(m);
+      // v[0] = Σd, v[1] = Σd² with d = x - m; lanes past the row's end are masked to zero.
+      const auto d_sums = sum_blocks<Vec>(C, Sums<Vec, 2>::zero(), [&](int64_t j, int64_t n) {
+        Vec d = load(x_row + j, n) - m_vec;
+        if (n < Vec::size()) d = Vec::set(Vec(0), d, n);
+        return Sums<Vec, 2>{{d, d * d}};
+      });
+      const acc c = horizontal_sum(d_sums.v[0]) / C;
+      const acc var = std::max(horizontal_sum(d_sums.v[1]) / C - c * c, acc(0));
+      const acc rstd = acc(1) / std::sqrt(var + eps);
+      mean_out[row] = m + c;
+      rstd_out[row] = rstd;
+      const Vec c_vec(c), rstd_vec(rstd);
+      // x - m first: exact when x and m are close, so the large common offset cancels before
+      // the small correction c is taken off.
+      for_each_block<Vec>(C, [&](int64_t j, int64_t n) {
+        const Vec x_hat = ((load(x_row + j, n) - m_vec) - c_vec) * rstd_vec;
+        store(y_row + j, at::vec::fmadd(x_hat, load(weight + j, n), load(bias + j, n)), n);
+      });
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                                  const at::Tensor& bias, double eps) {
+  TORCH_CHECK(x.dim() == 2, "fastgpt::layer_norm_fwd: x must be 2-D (N, C), got ", x.sizes());
+  const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK(C > 0, "fastgpt::layer_norm_fwd: C must be at least 1, got x ", x.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"weight", weight}, {"bias", bias}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "fastgpt::layer_norm_fwd: ", name, " must have shape (C,) = (", C,
+                ",), got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastgpt::layer_norm_fwd: ", name, " has dtype ",
+                t.scalar_type(), ", x has ", x.scalar_type(), " (they must match)");
+    TORCH_CHECK(t.device().is_cpu(), "fastgpt::layer_norm_fwd: ", name, " must be on the CPU, got ", t.device());
+  }
+  TORCH_CHECK(eps > 0, "fastgpt::layer_norm_fwd: eps must be positive, got ", eps);
+  const at::Tensor x_rows = x.contiguous(), w = weight.contiguous(), b = bias.contiguous();
+  at::Tensor y = at::empty_like(x_rows);  // (N, C)
+  at::Tensor mean = at::empty({N}, x.options().dtype(stats_dtype(x)));  // (N,)
+  at::Tensor rstd = at::empty({N}, x.options().dtype(stats_dtype(x)));  // (N,)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastgpt::layer_norm_fwd", [&] {
+    using acc = acc_t<scalar_t>;
+    layer_norm_fwd_rows<scalar_t>(x_rows.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                  b.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                  mean.mutable_data_ptr<acc>(), rstd.mutable_data_ptr<acc>(), N, C,
+                                  static_cast<acc>(eps));
+  });
+  return {y, mean, rstd};
+}
+
+template <typename scalar_t>
+void layer_norm_bwd_rows(const scalar_t* grad_y, const scalar_t* x, const scalar_t* weight,
+                         const acc_t<scalar_t>* mean, const acc_t<scalar_t>* rstd, scalar_t* grad_x,
+                         scalar_t* grad_weight, scalar_t* grad_bias, int64_t N, int64_t C) {
+  using acc = acc_t<scalar_t>;
+  using Vec = AccVec<scalar_t>;
+  const int64_t num_chunks = (N + kRowsPerChunk - 1) / kRowsPerChunk;
+  // (num_chunks, 2, C): per chunk, Σ grad_y · x̂ then Σ grad_y over the chunk's rows.
+  const at::Tensor partials_buffer =
+      at::empty({num_chunks, 2, C}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
+  acc* partials = partials_buffer.mutable_data_ptr<acc>();
+  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      acc* dw_part = partials + chunk * 2 * C;  // (C,)
+      acc* db_part = dw_part + C;               // (C,)
+      std::fill(dw_part, dw_part + 2 * C, acc(0));
+      const int64_t row_end = std::min(N, (chunk + 1) * kRowsPerChunk);
+      for (int64_t row = chunk * kRowsPerChunk; row < row_end; ++row) {
+        const scalar_t* x_row = x + row * C;        // (C,)
+        const scalar_t* dy_row = grad_y + row * C;  // (C,)
+        scalar_t* dx_row = grad_x + row * C;        // (C,)
+        const Vec mean_vec(mean[row]);
+        // v[0] = Σg, v[1] = Σg·d, v[2] = Σd with g = dy·w, d = x - mean_saved (zero past the row's end).
+        const auto sums = sum_blocks<Vec>(C, Sums<Vec, 3>::zero(), [&](int64_t j, int64_t n) {
+          const Vec g = load(dy_row + j, n) * load(weight + j, n);
+          Vec d = load(x_row + j, n) - mean_vec;
+          if (n < Vec::size()) d = Vec::set(Vec(0), d, n);
+          return Sums<Vec, 3>{{g, g * d, d}};
+        });
+        const acc r = rstd[row];
+        const acc c = horizontal_sum(sums.v[2]) / C;  // mean - mean_saved
+        const acc sum_g = horizontal_sum(sums.v[0]);
+        const acc mean_g = sum_g / C;
+        const acc mean_g_xhat = r * (horizontal_sum(sums.v[1]) - c * sum_g) / C;
+        const Vec r_vec(r), c_vec(c), mean_g_vec(mean_g), mean_g_xhat_vec(mean_g_xhat);
+        for_each_block<Vec>(C, [&](int64_t j, int64_t n) {
+          const Vec dy = load(dy_row + j, n);
+          const Vec x_hat = ((load(x_row + j, n) - mean_vec) - c_vec) * r_vec;
+          const Vec g = dy * load(weight + j, n);
+          store(dx_row + j, r_vec * (g - mean_g_vec - x_hat * mean_g_xhat_vec), n);
+          at::vec::fmadd(dy, x_hat, Vec::loadu(dw_part + j, n)).store(dw_part + j, n);
+          (Vec::loadu(db_part + j, n) + dy).store(db_part + j, n);
+        });
+      }
+    }
+  });
+  // grad_weight, grad_bias (C,): Σ over chunks, in chunk order, for each block of columns.
+  const int64_t column_grain =
+      std::max<int64_t>(Vec::size(), at::internal::GRAIN_SIZE / std::max<int64_t>(num_chunks, 1));
+  at::parallel_for(0, C, column_grain, [&](int64_t col_begin, int64_t col_end) {
+    for_each_block<Vec>(col_end - col_begin, [&](int64_t j0, int64_t n) {
+      const int64_t j = col_begin + j0;
+      Vec dw(0), db(0);
+      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+        dw = dw + Vec::loadu(partials + chunk * 2 * C + j, n);
+        db = db + Vec::loadu(partials + chunk * 2 * C + C + j, n);
+      }
+      store(grad_weight + j, dw, n);
+      store(grad_bias + j, db, n);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                  const at::Tensor& weight, const at::Tensor& mean,
+                                                                  const at::Tensor& rstd) {
+  TORCH_CHECK(x.dim() == 2, "fastgpt::layer_norm_bwd: x must be 2-D (N, C), got ", x.sizes());
+  const int64_t N = x.size(0), C = x.size(1);
+  TORCH_CHECK(C > 0, "fastgpt::layer_norm_bwd: C must be at least 1, got x ", x.sizes());
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
+              "fastgpt::layer_norm_bwd: grad_y must match x (", x.sizes(), ", ", x.scalar_type(), "), got ",
+              grad_y.sizes(), ", ", grad_y.scalar_type());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == C && weight.scalar_type() == x.scalar_type(),
+              "fastgpt::layer_norm_bwd: weight must be (C,) = (", C, ",) in ", x.scalar_type(), ", got ",
+              weight.sizes(), ", ", weight.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean", mean}, {"rstd", rstd}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == N && t.scalar_type() == stats_dtype(x), "fastgpt::layer_norm_bwd: ",
+                name, " must be (N,) = (", N, ",) in ", stats_dtype(x), ", got ", t.sizes(), ", ", t.scalar_type());
+  }
+  for (const at::Tensor* t : {&grad_y, &weight, &mean, &rstd}) {
+    TORCH_CHECK(t->device().is_cpu(), "fastgpt::layer_norm_bwd: all inputs must be on the CPU, got ", t->device());
+  }
+  const at::Tensor dy = grad_y.contiguous(), x_rows = x.contiguous(), w = weight.contiguous();
+  const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+  at::Tensor grad_x = at::empty_like(x_rows);  // (N, C)
+  at::Tensor grad_weight = at::empty_like(w);  // (C,)
+  at::Tensor grad_bias = at::empty_like(w);    // (C,)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastgpt::layer_norm_bwd", [&] {
+    using acc = acc_t<scalar_t>;
+    layer_norm_bwd_rows<scalar_t>(dy.const_data_ptr<scalar_t>(), x_rows.const_data_ptr<scalar_t>(),
+                                  w.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<acc>(),
+                                  rstd_c.const_data_ptr<acc>(), grad_x.mutable_data_ptr<scalar_t>(),
+                                  grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>(),
+                                  N, C);
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
+  m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
+}
+
+}  // namespace fastgpt

@@ -1,0 +1,91 @@
+"""The operator-level contract of fastgpt._C: the four fastgpt:: schemas, which dispatch keys
+have kernels (CPU always, CUDA on a GPU machine), and torch.compile(fullgraph=True) tracing the
+public API through the fake and autograd registrations. (opcheck of the ops: test_layer_norm.py,
+test_attention.py.)"""
+import pytest
+import torch
+
+import fastgpt
+from checks import assert_close
+from conftest import HAS_GPU
+
+SCHEMAS = {
+    "attention_fwd": "fastgpt::attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, "
+                     "float scale, float dropout_p, int seed) -> (Tensor out, Tensor lse)",
+    "attention_bwd": "fastgpt::attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+                     "Tensor? key_padding_mask, bool causal, float scale, float dropout_p, int seed) "
+                     "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)",
+    "layer_norm_fwd": "fastgpt::layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) "
+                      "-> (Tensor y, Tensor mean, Tensor rstd)",
+    "layer_norm_bwd": "fastgpt::layer_norm_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor rstd) "
+                      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)",
+}
+OPS = tuple(SCHEMAS)
+
+
+def has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastgpt::{op}", key)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_schema_is_registered(op):
+    assert str(getattr(torch.ops.fastgpt, op).default._schema) == SCHEMAS[op]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_kernel_and_fake_impl_are_registered(op):
+    assert has_kernel(op, "CPU"), f"fastgpt::{op} has no CPU kernel: csrc/cpu was not compiled in"
+    assert has_kernel(op, "Meta"), f"fastgpt::{op} has no fake impl (fastgpt/_registration.py)"
+
+
+@pytest.mark.parametrize("op", ("attention_fwd", "layer_norm_fwd"))
+def test_forward_ops_are_differentiable(op):
+    assert has_kernel(op, "Autograd"), f"fastgpt::{op} has no autograd registration"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_kernel_is_registered_on_a_gpu_machine(op):
+    if not HAS_GPU:
+        pytest.skip("no GPU in this session")
+    # A GPU is here: an extension built without its CUDA kernels is a broken build, not a skip.
+    assert has_kernel(op, "CUDA"), (f"fastgpt::{op} has no CUDA kernel although a GPU is visible: rebuild with "
+                                    f"the CUDA toolkit (FASTGPT_CUDA=1)")
+
+
+def test_compile_fullgraph_matches_eager():
+    """A pre-norm attention block: layer norm -> q, k, v -> causal attention -> residual,
+    compiled in one graph (fullgraph=True) with inductor; output and gradients as in eager."""
+    B, T, H, D = 2, 24, 2, 16
+    C = 3 * H * D
+
+    def block(x, weight, bias):  # x (B, T, C) -> (B, T, H * D)
+        h = fastgpt.layer_norm(x, weight, bias, backend="cpu")  # (B, T, C)
+        q, k, v = h.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        out = fastgpt.attention(q, k, v, causal=True, backend="cpu")  # (B, H, T, D)
+        return out.transpose(1, 2).reshape(B, T, H * D) + x[..., : H * D]
+
+    graphs = []
+
+    def recording_inductor(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("inductor")(gm, example_inputs)
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(B, T, C, generator=gen), 1 + 0.1 * torch.randn(C, generator=gen),
+              0.1 * torch.randn(C, generator=gen))
+    grad_out = torch.randn(B, T, H * D, generator=gen)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        return (out, *torch.autograd.grad(out, leaves, grad_out))
+
+    torch._dynamo.reset()
+    compiled = run(torch.compile(block, fullgraph=True, backend=recording_inductor))
+    eager = run(block)
+    assert len(graphs) == 1
+    code = graphs[0].code
+    assert "fastgpt.layer_norm_fwd" in code and "fastgpt.attention_fwd" in code, code
+    for name, got, want in zip(("out", "grad_x", "grad_weight", "grad_bias"), compiled, eager):
+        assert_close(got, want, what=f"compiled {name}")
