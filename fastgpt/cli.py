@@ -1,0 +1,163 @@
+"""The `fastgpt` command: info | generate | bench context|layernorm|gpt | train.
+
+`bench` and `train` hand the rest of the command line, untouched, to the main(argv)
+of the module that implements them, imported only when asked for.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+
+BENCHMARKS = {"context": "fastgpt.bench.context_scaling", "layernorm": "fastgpt.bench.layer_norm",
+              "gpt": "fastgpt.bench.gpt_e2e"}
+RANDOM_WEIGHTS_WARNING = (
+    "WARNING: no --weights given: the model has RANDOM weights and will print gibberish.\n"
+    "         Pass --weights DIR (a Hugging Face GPT-2 directory: config.json + model.safetensors)\n"
+    "         or --weights FILE (a fastgpt checkpoint) for real text.")
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    import fastgpt
+
+    report = fastgpt.info()
+    print(f"fastgpt {fastgpt.__version__}  torch {torch.__version__}  triton {_version('triton')}  "
+          f"python {platform.python_version()}")
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none visible"
+    print(f"GPU: {gpu}\n")
+    print("backends:")
+    for name, entry in report.items():
+        if name == "auto":
+            continue
+        status = f"available on {', '.join(entry['devices'])}" if entry["available"] else "unavailable"
+        print(f"  {name:<7} {status:<26} {entry['description']}")
+        if entry["reason"]:
+            print(f"          why not: {entry['reason']}")
+    picks = ", ".join(f"{device} tensors -> {pick}" for device, pick in report["auto"]["picks"].items())
+    print(f"\nauto picks: {picks}")
+    return 0
+
+
+def _resolve_config(spec: str) -> dict:
+    """A GPT2_CONFIGS name, a JSON object, or the path of a JSON file; JSON overrides gpt2-small's keys."""
+    from .model import GPT2_CONFIGS, check_config
+
+    if spec in GPT2_CONFIGS:
+        return dict(GPT2_CONFIGS[spec])
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            text = f.read()
+    elif spec.lstrip().startswith("{"):
+        text = spec
+    else:
+        raise SystemExit(f"fastgpt generate: --config {spec!r} is neither a config name "
+                         f"({', '.join(GPT2_CONFIGS)}), a JSON object nor a JSON file")
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"fastgpt generate: --config is not valid JSON: {error}") from error
+    if not isinstance(overrides, dict):
+        raise SystemExit("fastgpt generate: --config JSON must be an object of config keys")
+    try:
+        return check_config({**GPT2_CONFIGS["gpt2-small"], **overrides})
+    except ValueError as error:
+        raise SystemExit(f"fastgpt generate: --config: {error}") from error
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model import GPTModel
+    from .tokenizer import get_tokenizer
+    from .weights import load_checkpoint, load_gpt2
+
+    torch.manual_seed(args.seed)
+    if args.weights is None:
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+        model = GPTModel(_resolve_config(args.config), backend=args.backend)
+    elif os.path.isdir(args.weights):
+        model = load_gpt2(args.weights, backend=args.backend)
+    else:
+        model = load_checkpoint(args.weights, backend=args.backend)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    tokenizer = get_tokenizer()
+    ids = tokenizer.encode(args.prompt, allowed_special={"<|endoftext|>"})
+    if not ids:
+        raise SystemExit("fastgpt generate: the prompt is empty")
+    if max(ids) >= model.cfg["vocab_size"]:
+        raise SystemExit(f"fastgpt generate: the prompt has token id {max(ids)}, but the model's vocab_size "
+                         f"is {model.cfg['vocab_size']} (GPT-2's tokenizer needs 50257)")
+    prompt = torch.tensor([ids], device=device)  # (1, T)
+    out = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, eos_id=tokenizer.eot_token)
+    print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def _delegate(module_name: str, argv: list[str]) -> int:
+    """module_name.main(argv), with a clear error when that module is not part of this install."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is None or not (module_name == error.name or module_name.startswith(error.name + ".")):
+            raise  # the module exists but one of its own imports is missing: show that error
+        raise SystemExit(f"fastgpt: {module_name} is not available in this install ({error})") from error
+    return module.main(argv) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastgpt", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{info,generate,bench,train}")
+
+    info = commands.add_parser("info", help="which backends are compiled and usable here, and why not")
+    info.set_defaults(handler=cmd_info)
+
+    gen = commands.add_parser("generate", help="generate text with GPT-2 (KV cache)")
+    gen.add_argument("prompt")
+    gen.add_argument("--weights", help="Hugging Face GPT-2 directory or fastgpt checkpoint file "
+                                       "(default: random weights, with a warning)")
+    gen.add_argument("--config", default="gpt2-small",
+                     help="without --weights: a config name (gpt2-small|medium|large|xl), or a JSON object "
+                          "or JSON file whose keys override gpt2-small's, e.g. "
+                          "'{\"emb_dim\": 64, \"n_heads\": 4, \"n_layers\": 2}' for a tiny CPU demo")
+    gen.add_argument("--backend", default="auto", help="auto|naive|sdpa|cpu|cuda|triton (default auto)")
+    gen.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    gen.add_argument("--max-new-tokens", type=int, default=50)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=123)
+    gen.set_defaults(handler=cmd_generate)
+
+    # Parsed by hand in main() (see there); declared here for --help.
+    bench = commands.add_parser("bench", help="benchmarks: context | layernorm | gpt [their options]")
+    bench.add_argument("which", choices=sorted(BENCHMARKS))
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
+    train = commands.add_parser("train", help="train GPT-2 on a text file [its options]")
+    train.add_argument("args", nargs=argparse.REMAINDER, help="passed to fastgpt.train")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # bench/train own their options. argparse.REMAINDER alone cannot pass them on: it
+    # rejects a leading option (`fastgpt train --epochs 3`), so these go straight through.
+    if argv[:1] == ["train"]:
+        return _delegate("fastgpt.train", argv[1:])
+    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCHMARKS:
+        return _delegate(BENCHMARKS[argv[1]], argv[2:])
+    args = build_parser().parse_args(argv)
+    return args.handler(args)

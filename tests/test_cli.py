@@ -1,0 +1,105 @@
+"""The `fastgpt` command line: info, generate, and the bench/train delegations."""
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+import fastgpt
+from fastgpt.cli import main
+
+TINY_JSON = '{"emb_dim": 32, "n_heads": 2, "n_layers": 1, "context_length": 64}'
+
+
+@pytest.fixture
+def offline_vocab(shared_data, monkeypatch):
+    monkeypatch.setenv("FASTGPT_GPT2_VOCAB", os.path.join(shared_data, "gpt2.tiktoken"))
+
+
+def test_info_names_every_backend(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("naive", "sdpa", "cpu", "cuda", "triton"):
+        assert f"\n  {name} " in out
+    assert f"torch {torch.__version__}" in out and "triton " in out
+    assert "auto picks:" in out and f"cpu tensors -> {fastgpt.info()['auto']['picks']['cpu']}" in out
+    for name, entry in fastgpt.info().items():
+        if name != "auto" and entry["reason"]:
+            assert entry["reason"] in out  # every unavailable backend says why
+
+
+def test_python_dash_m_runs_the_cli():
+    result = subprocess.run([sys.executable, "-m", "fastgpt", "info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "backends:" in result.stdout and "sdpa" in result.stdout
+
+
+def test_generate_with_random_weights_warns(offline_vocab, capsys):
+    argv = ["generate", "Hello, I am", "--config", TINY_JSON, "--max-new-tokens", "3", "--backend", "sdpa",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "RANDOM weights" in err and "--weights" in err
+    assert out.startswith("Hello, I am") and len(out.rstrip("\n")) > len("Hello, I am")
+    assert main(argv + ["--temperature", "1.0", "--top-k", "50", "--seed", "3"]) == 0
+    sampled = capsys.readouterr().out
+    assert main(argv + ["--temperature", "1.0", "--top-k", "50", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == sampled  # --seed makes sampling repeatable
+
+
+def test_generate_with_weights_prints_the_models_continuation(offline_vocab, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_head=2, n_layer=1, n_positions=64))
+    hf.save_pretrained(tmp_path / "hf")
+    tok = fastgpt.get_tokenizer()
+    model = fastgpt.load_gpt2(str(tmp_path / "hf"))
+    prompt = torch.tensor([tok.encode("The verdict")])
+    expected = tok.decode(model.generate(prompt, max_new_tokens=4, eos_id=tok.eot_token)[0].tolist())
+    assert main(["generate", "The verdict", "--weights", str(tmp_path / "hf"), "--max-new-tokens", "4",
+                 "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + "\n" and "RANDOM" not in err
+    fastgpt.save_checkpoint(model, tmp_path / "gpt.pt")  # a fastgpt checkpoint file works too
+    assert main(["generate", "The verdict", "--weights", str(tmp_path / "gpt.pt"), "--max-new-tokens", "4",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_generate_rejects_a_bad_config(offline_vocab):
+    with pytest.raises(SystemExit, match="neither a config name"):
+        main(["generate", "hi", "--config", "gpt2-huge"])
+    with pytest.raises(SystemExit, match="--config: GPT config has unknown keys emb"):
+        main(["generate", "hi", "--config", '{"emb": 32}'])
+
+
+def fake_module(monkeypatch, name, calls):
+    module = types.ModuleType(name)
+    module.main = lambda argv: calls.append((name, argv))
+    monkeypatch.setitem(sys.modules, name, module)
+
+
+@pytest.mark.parametrize("argv, module, passed", [
+    (["train", "--epochs", "3", "data.txt"], "fastgpt.train", ["--epochs", "3", "data.txt"]),
+    (["bench", "context", "--max-T", "4096", "--help"], "fastgpt.bench.context_scaling",
+     ["--max-T", "4096", "--help"]),
+    (["bench", "layernorm"], "fastgpt.bench.layer_norm", []),
+    (["bench", "gpt", "--backend", "cpu"], "fastgpt.bench.gpt_e2e", ["--backend", "cpu"]),
+])
+def test_bench_and_train_get_their_argv_untouched(monkeypatch, argv, module, passed):
+    calls = []
+    fake_module(monkeypatch, module, calls)
+    assert main(argv) == 0
+    assert calls == [(module, passed)]
+
+
+def test_missing_delegate_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fastgpt.train", None)  # as if fastgpt/train.py were absent
+    with pytest.raises(SystemExit, match="fastgpt.train is not available"):
+        main(["train", "--epochs", "1"])
+    with pytest.raises(SystemExit):
+        main(["bench", "nonsense"])
+    assert "invalid choice: 'nonsense'" in capsys.readouterr().err
