@@ -1,0 +1,515 @@
+"""FlashAttention-2 in Triton: the fused attention forward and backward of the `triton` backend.
+
+Algorithm (Dao, "FlashAttention-2", 2023), per (batch, head):
+- forward: one program per tile of BLOCK_M queries; it streams key/value tiles of
+  BLOCK_N keys through on-chip memory and keeps the online-softmax state per row:
+  m (running max of the scores, in log2 units), l (running sum of exp2(s - m)) and
+  acc (running sum of exp2(s - m) · v). Invariant after each key tile: acc / l is the
+  softmax-weighted mean of the values seen so far. The program writes out = acc / l
+  and the log-sum-exp lse = ln Σ exp(scale · q·k) (natural-log units, as the schema of
+  csrc/ops.cpp says) that the backward pass recomputes the probabilities from.
+- backward: a pre-pass computes delta_i = Σ_d dO[i, d] · O[i, d] (= Σ_j P̃_ij dP̃_ij, also
+  under dropout); then one kernel owns a key tile and accumulates dK, dV over the
+  query tiles that see it, and another owns a query tile and accumulates dQ over its
+  key tiles. No atomics, no (Tq, Tk) matrix in memory.
+
+Masking is split so that most tiles skip it: the key tiles that every row of a query
+tile sees entirely (below the causal diagonal, inside Tk) run without any masking;
+only the tiles that straddle the diagonal or the end of the keys are masked
+(`_key_tile_ranges`, `_query_tile_ranges`). Causal is bottom-right aligned: query i
+sees key j iff j <= i + (Tk - Tq); for Tq > Tk the first rows see nothing. A row with
+no visible key (causal or key_padding_mask) gets out = 0, lse = -inf, and zero
+gradients: the online softmax subtracts 0 instead of a -inf maximum, and the backward
+pass masks (tl.where) every probability of such a row to 0 before using it.
+
+Scores are kept in log2 units: s2 = (q·k) · scale · log2(e), so every exponential is
+one exp2 (FlashAttention's trick); lse is converted to natural logs when stored.
+
+Dropout keeps P[b, h, i, j] iff tl.rand(seed | (b·H + h) << 32, i·Tk + j) >= dropout_p
+(Philox-4x32-10 keyed by (seed, b·H + h), 32-bit counter i·Tk + j: csrc/philox.h and
+fastgpt.reference.dropout_keep_mask draw the same bits) and scales kept weights by
+1 / (1 - dropout_p). The backward kernels regenerate the mask; nothing is stored.
+
+Autotuning (see fastgpt/triton/_launch.py): every kernel is keyed on
+(length bucket of Tq, length bucket of Tk, head dim, causal) plus the dtypes, which
+Triton adds itself. GPU candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), pruned
+to tiles no larger than the bucketed lengths (so decoding with Tq = 1 uses BLOCK_M 16):
+  forward         (128, 64, 4, 3) (128, 64, 8, 3) (128, 128, 8, 3) (64, 64, 4, 3) (16, 64, 4, 3)
+  backward dK/dV  (32, 128, 4, 3) (32, 128, 8, 2) (64, 128, 8, 3) (32, 64, 4, 3) (16, 64, 4, 2)
+  backward dQ     (128, 32, 4, 3) (128, 64, 8, 3) (64, 64, 4, 3) (64, 32, 4, 2) (16, 64, 4, 2)
+Under TRITON_INTERPRET=1 (CPU tests) one config each: forward and dQ (32, 16), dK/dV (16, 32).
+
+Head dims 16, 32, 64, 128 (a power of two >= 16: tl.dot's minimum); float16, bfloat16
+and float32 (float32 matmuls in IEEE precision, not TF32, to stay within float32
+tolerances). Inputs may have any strides; outputs are contiguous.
+"""
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _registration
+from . import _launch
+from ._launch import config
+
+LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
+LN2: tl.constexpr = tl.constexpr(math.log(2.0))
+HEAD_DIMS = (16, 32, 64, 128)
+MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension, which holds B * H
+
+TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL"]
+
+
+def _prune_to_lengths(configs, named_args, **kwargs):
+    """Drop tiles larger than the bucketed sequence lengths (keep the smallest if none fits)."""
+    args = {**named_args, **kwargs}
+    fitting = [c for c in configs
+               if c.kwargs["BLOCK_M"] <= args["Q_BUCKET"] and c.kwargs["BLOCK_N"] <= args["K_BUCKET"]]
+    return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+FWD_CONFIGS = [config(4, 3, BLOCK_M=128, BLOCK_N=64), config(8, 3, BLOCK_M=128, BLOCK_N=64),
+               config(8, 3, BLOCK_M=128, BLOCK_N=128), config(4, 3, BLOCK_M=64, BLOCK_N=64),
+               config(4, 3, BLOCK_M=16, BLOCK_N=64)]
+DKDV_CONFIGS = [config(4, 3, BLOCK_M=32, BLOCK_N=128), config(8, 2, BLOCK_M=32, BLOCK_N=128),
+                config(8, 3, BLOCK_M=64, BLOCK_N=128), config(4, 3, BLOCK_M=32, BLOCK_N=64),
+                config(4, 2, BLOCK_M=16, BLOCK_N=64)]
+DQ_CONFIGS = [config(4, 3, BLOCK_M=128, BLOCK_N=32), config(8, 3, BLOCK_M=128, BLOCK_N=64),
+              config(4, 3, BLOCK_M=64, BLOCK_N=64), config(4, 2, BLOCK_M=64, BLOCK_N=32),
+              config(4, 2, BLOCK_M=16, BLOCK_N=64)]
+FWD_INTERPRETER_CONFIG = config(1, 1, BLOCK_M=32, BLOCK_N=16)
+DKDV_INTERPRETER_CONFIG = config(1, 1, BLOCK_M=16, BLOCK_N=32)
+DQ_INTERPRETER_CONFIG = config(1, 1, BLOCK_M=32, BLOCK_N=16)
+DELTA_BLOCK_M = 32 if _launch.INTERPRET else 128
+
+
+# ----------------------------------------------------------------------------- tile helpers
+
+@triton.jit
+def _key_tile_ranges(start_m, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the query tile [start_m, start_m + BLOCK_M): keys [0, full_end) are visible to all of
+    its rows (no masking); keys [full_end, end) need the causal / bounds mask."""
+    if CAUSAL:
+        # Row start_m, the tile's first, sees keys j <= start_m + Tk - Tq (all < Tk): whole key
+        # tiles up to there are unmasked. The tile's last row sees up to start_m + BLOCK_M - 1 + Tk - Tq.
+        full_end = (tl.maximum(start_m + Tk - Tq + 1, 0) // BLOCK_N) * BLOCK_N
+        end = tl.minimum(tl.maximum(start_m + BLOCK_M + Tk - Tq, 0), Tk)
+    else:
+        full_end = (Tk // BLOCK_N) * BLOCK_N
+        end = Tk
+    return full_end, end
+
+
+@triton.jit
+def _query_tile_ranges(start_n, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For the key tile [start_n, start_n + BLOCK_N): queries [lo, full_start) see part of it
+    (causal mask needed); queries [full_start, Tq) see all of it. Both are BLOCK_M-aligned."""
+    if CAUSAL:
+        # Query i sees key j iff i >= j - (Tk - Tq).
+        lo = (tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M) * BLOCK_M
+        full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (Tk - Tq), 0), BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        full_start = 0
+    return lo, full_start
+
+
+@triton.jit
+def _tile_visible(rows, cols, Tq, Tk, CAUSAL: tl.constexpr):
+    """bool, broadcast of rows (query indices) against cols (key indices): key in range and,
+    when causal, j <= i + (Tk - Tq)."""
+    visible = (cols < Tk) & (rows >= 0)  # `rows >= 0` (always true) gives the full broadcast shape
+    if CAUSAL:
+        visible = visible & (cols <= rows + (Tk - Tq))
+    return visible
+
+
+@triton.jit
+def _key_kept(kpm_row, stride_kpmn, offs_n, Tk):
+    """bool (BLOCK_N,): the key padding mask of this batch row at keys offs_n (False past Tk)."""
+    return tl.load(kpm_row + offs_n * stride_kpmn, mask=offs_n < Tk, other=0) != 0
+
+
+@triton.jit
+def _dropout_keep(seed64, rows, cols, Tk, dropout_p):
+    """bool, broadcast of rows against cols: Philox keeps P[i, j] iff rand(seed64, i·Tk + j) >= p,
+    the counter wrapping at 2^32 as in csrc/philox.h."""
+    element = rows.to(tl.uint32) * tl.cast(Tk, tl.uint32) + cols.to(tl.uint32)
+    return tl.rand(seed64, element) >= dropout_p
+
+
+@triton.jit
+def _philox_key(seed, bh):
+    """The 64-bit tl.rand seed: low word the user seed, high word the head index b·H + h."""
+    return tl.cast(seed, tl.uint64) | (tl.cast(bh, tl.uint64) << 32)
+
+
+@triton.jit
+def _load_lse2(lse_row, offs_m, Tq):
+    """(BLOCK_M,) saved lse in log2 units; rows past Tq read +inf (probabilities exp2(s - inf) = 0).
+    A row with no visible key has lse = -inf and exp2(s - lse) = +inf, but all of its entries
+    are masked tiles' entries, which tl.where replaces by 0 before any arithmetic."""
+    return tl.load(lse_row + offs_m, mask=offs_m < Tq, other=float("inf")) * LOG2E
+
+
+# ----------------------------------------------------------------------------- forward
+
+@triton.jit
+def _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
+                         stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
+                         offs_m, offs_d, lo, hi, Tq, Tk, qk_scale, dropout_p, seed64,
+                         CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                         MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Folds key tiles [lo, hi) into the online-softmax state (acc, m_i, l_i) of one query tile."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < Tk  # all true in unmasked tiles; the load mask costs next to nothing
+        k_t = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                      mask=key_ok[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            s = tl.where(_tile_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL), s, float("-inf"))
+        if HAS_KPM:
+            s = tl.where(_key_kept(kpm_row, stride_kpmn, offs_n, Tk)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no visible key so far keeps m = -inf: subtract 0 there (exp2(-inf) = 0, not NaN).
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_sub[:, None])  # (BLOCK_M, BLOCK_N)
+        alpha = tl.math.exp2(m_i - m_sub)  # rescales the state to the new maximum
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax denominator counts dropped weights too
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            p = tl.where(_dropout_keep(seed64, offs_m[:, None], offs_n[None, :], Tk, dropout_p), p, 0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=key_ok[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@_launch.autotune(FWD_CONFIGS, FWD_INTERPRETER_CONFIG, key=TUNING_KEY, prune=_prune_to_lengths)
+@triton.jit
+def _attention_fwd_kernel(
+        q_ptr, k_ptr, v_ptr, kpm_ptr, out_ptr, lse_ptr,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_kpmb, stride_kpmn,
+        H, Tq, Tk, qk_scale, dropout_p, keep_scale, seed, Q_BUCKET, K_BUCKET,
+        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # q (B, H, Tq, D), k, v (B, H, Tk, D) any strides; kpm uint8 (B, Tk) or None;
+    # out (B, H, Tq, D) and lse (B, H, Tq) float32, contiguous. Grid (cdiv(Tq, BLOCK_M), B * H).
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    # Under causal masking the last query tiles have the most keys: launch them first.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    kpm_row = kpm_ptr + b * stride_kpmb if HAS_KPM else kpm_ptr
+    seed64 = _philox_key(seed, bh)
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=(offs_m < Tq)[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full_end, end = _key_tile_ranges(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, m_i, l_i = _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
+                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
+                                         offs_m, offs_d, 0, full_end, Tq, Tk, qk_scale, dropout_p, seed64,
+                                         CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_N)
+    acc, m_i, l_i = _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
+                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
+                                         offs_m, offs_d, full_end, end, Tq, Tk, qk_scale, dropout_p, seed64,
+                                         CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_N)
+
+    has_key = l_i > 0.0  # l_i >= 1 once a row has seen a visible key (its maximum adds exp2(0))
+    l_safe = tl.where(has_key, l_i, 1.0)  # no 1/0 or log(0) even in the discarded where branch
+    out = acc * tl.where(has_key, keep_scale / l_safe, 0.0)[:, None]
+    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    row_ok = offs_m < Tq
+    tl.store(out_ptr + (bh * Tq + offs_m)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + bh * Tq + offs_m, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- backward
+
+@triton.jit
+def _attention_bwd_delta_kernel(out_ptr, do_ptr, delta_ptr,
+                                stride_ob, stride_oh, stride_om, stride_od,
+                                stride_dob, stride_doh, stride_dom, stride_dod,
+                                H, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    # out, do (B, H, Tq, D) any strides -> delta (B, H, Tq) float32. Grid (cdiv(Tq, BLOCK_M), B * H).
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = (offs_m < Tq)[:, None]
+    out = tl.load(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                  mask=row_ok, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + bh * Tq + offs_m, tl.sum(out * do, 1), mask=offs_m < Tq)
+
+
+@triton.jit
+def _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, kpm_row,
+                              stride_qm, stride_qd, stride_dom, stride_dod, stride_kpmn,
+                              offs_n, offs_d, lo, hi, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64,
+                              CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                              MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulates dK, dV (BLOCK_N, HEAD_DIM) of one key tile over query tiles [lo, hi).
+    Works in the transposed (key, query) orientation so that no (BLOCK_N, BLOCK_M) tile is transposed."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Tq
+        q_t = tl.load(q_base + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm,
+                      mask=row_ok[None, :], other=0.0)  # (HEAD_DIM, BLOCK_M)
+        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+        lse2 = _load_lse2(lse_row, offs_m, Tq)  # (BLOCK_M,)
+        delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
+        s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
+        p_t = tl.math.exp2(s_t - lse2[None, :])  # the forward's softmax, recomputed
+        if MASKED:
+            p_t = tl.where(_tile_visible(offs_m[None, :], offs_n[:, None], Tq, Tk, CAUSAL), p_t, 0.0)
+        if HAS_KPM:
+            p_t = tl.where(_key_kept(kpm_row, stride_kpmn, offs_n, Tk)[:, None], p_t, 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M): dO vᵀ, transposed
+        if HAS_DROPOUT:
+            keep_t = _dropout_keep(seed64, offs_m[None, :], offs_n[:, None], Tk, dropout_p)
+            dv = tl.dot(tl.where(keep_t, p_t * keep_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.where(keep_t, dp_t * keep_scale, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])  # gradient of the scaled scores, transposed
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@_launch.autotune(DKDV_CONFIGS, DKDV_INTERPRETER_CONFIG, key=TUNING_KEY, prune=_prune_to_lengths)
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_kpmb, stride_kpmn,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        H, Tq, Tk, sm_scale, qk_scale, dropout_p, keep_scale, seed, Q_BUCKET, K_BUCKET,
+        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # q, do (B, H, Tq, D), k, v (B, H, Tk, D) any strides; lse, delta (B, H, Tq) float32;
+    # dk, dv (B, H, Tk, D) contiguous. Grid (cdiv(Tk, BLOCK_N), B * H).
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    start_n = tl.program_id(0) * BLOCK_N  # under causal masking the first key tiles have the most queries
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = (offs_n < Tk)[:, None]
+    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=key_ok, other=0.0)  # (BLOCK_N, HEAD_DIM)
+    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=key_ok, other=0.0)  # (BLOCK_N, HEAD_DIM)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    do_base = do_ptr + b * stride_dob + h * stride_doh
+    lse_row = lse_ptr + bh * Tq
+    delta_row = delta_ptr + bh * Tq
+    kpm_row = kpm_ptr + b * stride_kpmb if HAS_KPM else kpm_ptr
+    seed64 = _philox_key(seed, bh)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    lo, full_start = _query_tile_ranges(start_n, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, kpm_row,
+                                       stride_qm, stride_qd, stride_dom, stride_dod, stride_kpmn,
+                                       offs_n, offs_d, lo, tl.minimum(full_start, Tq), Tq, Tk, qk_scale,
+                                       dropout_p, keep_scale, seed64,
+                                       CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_M)
+    dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, kpm_row,
+                                       stride_qm, stride_qd, stride_dom, stride_dod, stride_kpmn,
+                                       offs_n, offs_d, full_start, Tq, Tq, Tk, qk_scale,
+                                       dropout_p, keep_scale, seed64,
+                                       CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_M)
+    out_offsets = (bh * Tk + offs_n)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+    tl.store(dk_ptr + out_offsets, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=key_ok)
+    tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=key_ok)
+
+
+@triton.jit
+def _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
+                            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
+                            offs_m, offs_d, lo, hi, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64,
+                            CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                            MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Accumulates dQ (BLOCK_M, HEAD_DIM) of one query tile over key tiles [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = (offs_n < Tk)[None, :]
+        k_t = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                      mask=key_ok, other=0.0)  # (HEAD_DIM, BLOCK_N)
+        v_t = tl.load(v_base + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn,
+                      mask=key_ok, other=0.0)  # (HEAD_DIM, BLOCK_N)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            p = tl.where(_tile_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL), p, 0.0)
+        if HAS_KPM:
+            p = tl.where(_key_kept(kpm_row, stride_kpmn, offs_n, Tk)[None, :], p, 0.0)
+        dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed64, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@_launch.autotune(DQ_CONFIGS, DQ_INTERPRETER_CONFIG, key=TUNING_KEY, prune=_prune_to_lengths)
+@triton.jit
+def _attention_bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_kpmb, stride_kpmn,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        H, Tq, Tk, sm_scale, qk_scale, dropout_p, keep_scale, seed, Q_BUCKET, K_BUCKET,
+        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # As _attention_bwd_dkdv_kernel; dq (B, H, Tq, D) contiguous. Grid (cdiv(Tq, BLOCK_M), B * H).
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Tq
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+    lse2 = _load_lse2(lse_ptr + bh * Tq, offs_m, Tq)  # (BLOCK_M,)
+    delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    kpm_row = kpm_ptr + b * stride_kpmb if HAS_KPM else kpm_ptr
+    seed64 = _philox_key(seed, bh)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    full_end, end = _key_tile_ranges(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
+                                 stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
+                                 offs_m, offs_d, 0, full_end, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64,
+                                 CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_N)
+    dq = _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
+                                 stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
+                                 offs_m, offs_d, full_end, end, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64,
+                                 CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_N)
+    tl.store(dq_ptr + (bh * Tq + offs_m)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
+             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------- host side
+
+def _launch_args(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
+    """The arguments every attention kernel shares, after cheap precondition checks."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    _launch.check_device(q, "attention")
+    torch._check(D in HEAD_DIMS, lambda: f"fastgpt triton attention: head dim {D} not in {HEAD_DIMS}")
+    torch._check(B * H <= MAX_GRID_Y, lambda: f"fastgpt triton attention: B * H = {B * H} exceeds {MAX_GRID_Y}")
+    torch._check(k.shape == v.shape and k.shape[:2] == q.shape[:2] and k.shape[3] == D,
+                 lambda: f"fastgpt triton attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    torch._check(not (q.device.type == "cpu" and q.dtype == torch.bfloat16),
+                 lambda: "fastgpt triton attention: Triton's interpreter has no bfloat16 tl.dot (it returns wrong "
+                         "numbers): use float16 or float32 on CPU tensors, bfloat16 on a GPU")
+    torch._check(q.dtype == k.dtype == v.dtype,
+                 lambda: f"fastgpt triton attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    torch._check(key_padding_mask is None or (key_padding_mask.dtype == torch.bool
+                                              and key_padding_mask.shape == (B, Tk)),
+                 lambda: f"fastgpt triton attention: key_padding_mask must be bool (B, Tk) = ({B}, {Tk})")
+    # bool (B, Tk) read as bytes: Triton loads uint8 more portably than i1.
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    kpm_strides = kpm.stride() if kpm is not None else (0, 0)
+    pointers = (q, k, v, kpm)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *kpm_strides)
+    scalars = dict(H=H, Tq=Tq, Tk=Tk, qk_scale=scale * LOG2E.value, dropout_p=dropout_p,
+                   keep_scale=1.0 / (1.0 - dropout_p), seed=seed & 0xFFFFFFFF,
+                   Q_BUCKET=_launch.length_bucket(Tq), K_BUCKET=_launch.length_bucket(Tk),
+                   HEAD_DIM=D, CAUSAL=causal, HAS_KPM=kpm is not None, HAS_DROPOUT=dropout_p > 0.0,
+                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return pointers, strides, scalars
+
+
+@torch.library.custom_op("fastgpt::triton_attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                  causal: bool, scale: float, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, Tq, D), k, v (B, H, Tk, D), key_padding_mask bool (B, Tk) or None
+    -> out (B, H, Tq, D) contiguous in q's dtype, lse (B, H, Tq) float32 (natural log)."""
+    B, H, Tq, D = q.shape
+    pointers, strides, scalars = _launch_args(q, k, v, key_padding_mask, causal, scale, dropout_p, seed)
+    out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)  # (B, H, Tq, D)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)  # (B, H, Tq)
+    with _launch.device_guard(q):
+        _attention_fwd_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
+            *pointers, out, lse, *strides, **scalars)
+    return out, lse
+
+
+@torch.library.custom_op("fastgpt::triton_attention_bwd", mutates_args=())
+def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float,
+                  dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_out, out (B, H, Tq, D), lse (B, H, Tq) from attention_fwd -> grad_q (B, H, Tq, D),
+    grad_k, grad_v (B, H, Tk, D), contiguous in the inputs' dtype."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    pointers, strides, scalars = _launch_args(q, k, v, key_padding_mask, causal, scale, dropout_p, seed)
+    torch._check(grad_out.shape == q.shape and out.shape == q.shape,
+                 lambda: f"fastgpt triton attention_bwd: grad_out and out must have q's shape {tuple(q.shape)}")
+    torch._check(lse.shape == (B, H, Tq) and lse.dtype == torch.float32 and lse.is_contiguous(),
+                 lambda: f"fastgpt triton attention_bwd: lse must be contiguous float32 (B, H, Tq) = ({B}, {H}, {Tq})")
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)  # (B, H, Tq): rowsum(dO * O)
+    grad_q = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)  # (B, H, Tq, D)
+    grad_k = torch.empty((B, H, Tk, D), dtype=k.dtype, device=q.device)  # (B, H, Tk, D)
+    grad_v = torch.empty((B, H, Tk, D), dtype=v.dtype, device=q.device)  # (B, H, Tk, D)
+    with _launch.device_guard(q):
+        _attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Tq, HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M)
+        _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * H)](
+            *pointers, grad_out, lse, delta, grad_k, grad_v, *strides, *grad_out.stride(),
+            sm_scale=scale, **scalars)
+        _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
+            *pointers, grad_out, lse, delta, grad_q, *strides, *grad_out.stride(),
+            sm_scale=scale, **scalars)
+    return grad_q, grad_k, grad_v
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    # lse is internal to fastgpt (nothing differentiates through it), so grad_lse is unused.
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    grad_q, grad_k, grad_v = attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask,
+                                           ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed)
+    return grad_q, grad_k, grad_v, None, None, None, None, None
+
+
+attention_fwd.register_fake(_registration._attention_fwd_fake)
+attention_bwd.register_fake(_registration._attention_bwd_fake)
+attention_fwd.register_autograd(_attention_backward, setup_context=_registration._attention_setup_context)
+
+
+def attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed):
+    """The `triton` backend's attention: q (B, H, Tq, D), k, v (B, H, Tk, D) -> (B, H, Tq, D).
+    Inputs are validated by fastgpt.ops; differentiable in q, k, v."""
+    return attention_fwd(q, k, v, key_padding_mask, causal, scale, dropout_p, seed)[0]

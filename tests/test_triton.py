@@ -1,0 +1,380 @@
+"""What is specific to the Triton backend (fastgpt/triton): its dropout stream, the tile
+split of its causal masking, its saved log-sum-exp, its operator registration, its
+autotuning key and its layer-norm weight-gradient reduction. The behaviour every backend
+shares is tested by test_attention.py / test_layer_norm.py through the `kernel` fixture.
+
+On a CPU-only machine these run under Triton's interpreter (TRITON_INTERPRET=1, set by
+conftest.py), float32 and float16 only (the interpreter has no bfloat16 tl.dot).
+"""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from checks import assert_close, make_qkv, padding_mask, tolerance
+from conftest import HAS_GPU, require_backend
+from fastgpt import reference
+
+pytestmark = pytest.mark.triton
+
+
+@pytest.fixture(scope="module")
+def device():
+    return require_backend("triton")
+
+
+@pytest.fixture(scope="module")
+def kernels(device):
+    """The fastgpt.triton modules (imported by the registry once Triton can run here)."""
+    from fastgpt.triton import _launch, flash_attention, fused_layer_norm
+    return flash_attention, fused_layer_norm, _launch
+
+
+def with_grads(attention_fn, q, k, v, grad_out):
+    """(out, dq, dk, dv) of attention_fn(q, k, v) for the upstream gradient grad_out."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = attention_fn(q, k, v)
+    out.backward(grad_out.to(out.dtype))
+    return out, q.grad, k.grad, v.grad
+
+
+def attention_and_grads(q, k, v, causal, key_padding_mask=None, dropout_p=0.0, scale=None, seed=0,
+                        naive_baseline=False):
+    """(out, dq, dk, dv) of fastgpt.triton.attention, of the float64 oracle and, with
+    naive_baseline, of the naive reference in q's dtype (the half-precision error baseline)."""
+    import fastgpt.triton
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    B, H, Tq, D = q.shape
+    grad_out = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(7)).to(q.device, q.dtype)
+    args = (causal, key_padding_mask, dropout_p, scale, seed)
+    got = with_grads(lambda *qkv: fastgpt.triton.attention(*qkv, *args), q, k, v, grad_out)
+    oracle = with_grads(lambda *qkv: reference.attention(*qkv, *args), q.double(), k.double(), v.double(), grad_out)
+    if not naive_baseline:
+        return got, oracle
+    return got, oracle, with_grads(lambda *qkv: reference.attention(*qkv, *args), q, k, v, grad_out)
+
+
+def assert_all_close(got, oracle, baseline=None):
+    names = ("out", "grad_q", "grad_k", "grad_v")
+    for i, name in enumerate(names):
+        assert_close(got[i], oracle[i], None if baseline is None else baseline[i], what=name)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+@pytest.mark.parametrize("causal,Tq,Tk", [(False, 50, 64), (True, 50, 64), (True, 64, 64)])
+@pytest.mark.parametrize("seed", [1234, 2**31 + 99])
+def test_dropout_mask_is_the_reference_philox_mask(device, kernels, causal, Tq, Tk, seed):
+    # With q = 0 every visible key gets the same weight 1/n_i, and with v = I the output row
+    # is the (dropped, rescaled) weight row itself: out != 0 exactly where a weight was kept.
+    flash_attention = kernels[0]
+    B, H, p = 2, 3, 0.4
+    q = torch.zeros(B, H, Tq, Tk, device=device)
+    k = torch.randn(B, H, Tk, Tk, generator=torch.Generator().manual_seed(0)).to(device)
+    v = torch.eye(Tk, device=device).expand(B, H, Tk, Tk)
+    out, _ = flash_attention.attention_fwd(q, k, v, None, causal, 0.125, p, seed)
+    keep = reference.dropout_keep_mask(seed, B, H, Tq, Tk, p, device)
+    visible = reference.visible_keys(Tq, Tk, causal, None, device)
+    assert torch.equal(out != 0, keep & visible)
+    weight = (1.0 / visible.sum(-1, keepdim=True)) / (1.0 - p)  # (1, 1, Tq, 1)
+    torch.testing.assert_close(out, torch.where(keep & visible, weight, 0.0).float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal,Tq,Tk,masked", [(True, 45, 45, False), (False, 37, 70, True), (True, 20, 53, True)])
+def test_dropout_output_and_grads_equal_the_reference_with_that_mask(device, dtype, causal, Tq, Tk, masked):
+    q, k, v = make_qkv(2, 2, Tq, Tk, 32, dtype=dtype, device=device)
+    mask = padding_mask(2, Tk, device=device) if masked else None
+    got, oracle, naive = attention_and_grads(q, k, v, causal, mask, dropout_p=0.3, seed=987, naive_baseline=True)
+    assert_all_close(got, oracle, naive)
+
+
+def test_dropout_changes_with_the_seed_and_repeats_with_it(device):
+    import fastgpt.triton
+    q, k, v = make_qkv(1, 2, 33, 33, 16, device=device)
+    first = fastgpt.triton.attention(q, k, v, True, None, 0.5, 0.25, 11)
+    assert torch.equal(first, fastgpt.triton.attention(q, k, v, True, None, 0.5, 0.25, 11))
+    assert not torch.equal(first, fastgpt.triton.attention(q, k, v, True, None, 0.5, 0.25, 12))
+
+
+# ----------------------------------------------------------------------------- tile boundaries
+
+# On a GPU every candidate config is forced in turn (an Autotuner with one config runs it
+# without tuning); under the interpreter each kernel has its single config.
+CONFIG_SETS = list(range(5)) if HAS_GPU else [None]
+
+
+@pytest.fixture(params=CONFIG_SETS, ids=lambda i: "interpreter-config" if i is None else f"gpu-config{i}")
+def forced_configs(request, kernels, monkeypatch):
+    """The (forward, dK/dV, dQ) configs the attention kernels run with in this test."""
+    flash_attention = kernels[0]
+    autotuners = (flash_attention._attention_fwd_kernel, flash_attention._attention_bwd_dkdv_kernel,
+                  flash_attention._attention_bwd_dq_kernel)
+    if request.param is None:
+        return [tuner.configs[0] for tuner in autotuners]
+    chosen = [configs[request.param] for configs in (flash_attention.FWD_CONFIGS, flash_attention.DKDV_CONFIGS,
+                                                     flash_attention.DQ_CONFIGS)]
+    for tuner, config in zip(autotuners, chosen):
+        monkeypatch.setattr(tuner, "configs", [config])
+    return chosen
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", ["square", "fewer_queries", "more_queries"])
+def test_tile_split_at_block_boundaries(device, forced_configs, causal, shape):
+    # Lengths just below, at and just above every block size in use. Tq = Tk exercises the
+    # diagonal / off-diagonal split; Tk - Tq = 21 (not a multiple of any block) moves the causal
+    # diagonal inside the tiles; Tq > Tk leaves the first Tq - Tk rows with no visible key.
+    blocks = {config.kwargs[name] for config in forced_configs for name in ("BLOCK_M", "BLOCK_N")}
+    for T in sorted({block + delta for block in blocks for delta in (-1, 0, 1)}):
+        Tq, Tk = {"square": (T, T), "fewer_queries": (T, T + 21), "more_queries": (T + 9, T)}[shape]
+        q, k, v = make_qkv(1, 1, Tq, Tk, 16, device=device, generator_seed=T)
+        mask = padding_mask(1, Tk, device=device, fully_masked_row=False) if shape == "fewer_queries" else None
+        got, oracle = attention_and_grads(q, k, v, causal, mask)
+        try:
+            assert_all_close(got, oracle)
+        except AssertionError as error:
+            raise AssertionError(f"Tq={Tq}, Tk={Tk}: {error}") from None
+
+
+# ----------------------------------------------------------------------------- log-sum-exp
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal,Tq,Tk", [(True, 40, 40), (True, 19, 50), (True, 50, 19), (False, 33, 47)])
+def test_saved_lse_equals_the_reference_lse(device, kernels, dtype, causal, Tq, Tk):
+    flash_attention = kernels[0]
+    q, k, v = make_qkv(2, 2, Tq, Tk, 32, dtype=dtype, device=device)
+    mask = padding_mask(2, Tk, device=device)  # batch 0 sees no key at all
+    scale = 0.3
+    out, lse = flash_attention.attention_fwd(q, k, v, mask, causal, scale, 0.0, 0)
+    want = reference.attention_lse(q.double(), k.double(), causal, mask, scale)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, Tq)
+    no_key = torch.isneginf(want)
+    assert no_key[0].all() and torch.equal(torch.isneginf(lse), no_key)
+    assert not torch.isnan(lse).any()
+    # lse is float32 arithmetic on exactly representable inputs: the float32 rule holds for float16 too.
+    err, tol = (lse[~no_key].double() - want[~no_key]).abs().max().item(), tolerance(torch.float32, want[~no_key], None)
+    assert err <= tol, f"lse: max abs err {err:.3e} > tol {tol:.3e}"
+    assert (out[0] == 0).all()
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the interpreter warns on any 1/0 or log(0)
+def test_rows_with_no_visible_key_give_zero_output_and_zero_grads(device):
+    # Causal with Tq > Tk: rows 0..Tq-Tk-1 see no key; batch 0 is fully padded.
+    q, k, v = make_qkv(2, 2, 30, 12, 16, device=device)
+    mask = padding_mask(2, 12, device=device)
+    (out, dq, dk, dv), oracle = attention_and_grads(q, k, v, True, mask)
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(t).all(), name
+    assert (out[:, :, :18] == 0).all() and (dq[:, :, :18] == 0).all()
+    assert (out[0] == 0).all() and (dq[0] == 0).all() and (dk[0] == 0).all() and (dv[0] == 0).all()
+    assert_all_close((out, dq, dk, dv), oracle)
+
+
+# ----------------------------------------------------------------------------- registration
+
+def test_ops_are_registered_next_to_the_extension_ops(device, kernels):
+    for name in ("triton_attention_fwd", "triton_attention_bwd", "triton_layer_norm_fwd", "triton_layer_norm_bwd"):
+        assert hasattr(torch.ops.fastgpt, name)
+
+
+def test_opcheck(device, kernels):
+    flash_attention, fused_layer_norm, _ = kernels
+    q, k, v = make_qkv(1, 2, 17, 23, 16, device=device, requires_grad=True)
+    mask = padding_mask(1, 23, device=device, fully_masked_row=False)
+    torch.library.opcheck(flash_attention.attention_fwd, (q, k, v, mask, True, 0.25, 0.2, 5))
+    out, lse = flash_attention.attention_fwd(q, k, v, mask, True, 0.25, 0.2, 5)
+    torch.library.opcheck(flash_attention.attention_bwd,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), mask,
+                           True, 0.25, 0.2, 5))
+    x = torch.randn(9, 40, device=device, requires_grad=True)
+    w, b = torch.randn(40, device=device, requires_grad=True), torch.randn(40, device=device, requires_grad=True)
+    torch.library.opcheck(fused_layer_norm.layer_norm_fwd, (x, w, b, 1e-5))
+    _, mean, rstd = fused_layer_norm.layer_norm_fwd(x, w, b, 1e-5)
+    torch.library.opcheck(fused_layer_norm.layer_norm_bwd, (torch.randn(9, 40, device=device), x.detach(),
+                                                            w.detach(), mean.detach(), rstd.detach()))
+
+
+def test_ops_check_their_own_preconditions(device, kernels):
+    # fastgpt.ops validates the public API; the registered ops can be called directly too.
+    flash_attention, fused_layer_norm, _ = kernels
+    q, k, v = make_qkv(1, 1, 8, 8, 24, device=device)
+    with pytest.raises(RuntimeError, match=r"head dim 24 not in \(16, 32, 64, 128\)"):
+        flash_attention.attention_fwd(q, k, v, None, True, 0.2, 0.0, 0)
+    q, k, v = make_qkv(1, 1, 8, 8, 16, device=device)
+    with pytest.raises(RuntimeError, match=r"key_padding_mask must be bool \(B, Tk\)"):
+        flash_attention.attention_fwd(q, k, v, torch.ones(1, 7, dtype=torch.bool, device=device), True, 0.2, 0.0, 0)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="interpreter has no bfloat16 tl.dot"):
+            flash_attention.attention_fwd(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, True, 0.2, 0.0, 0)
+    x = torch.randn(4, 16, device=device)
+    w = torch.ones(16, device=device)
+    with pytest.raises(RuntimeError, match="mean and rstd must be contiguous float32"):
+        fused_layer_norm.layer_norm_bwd(x, x, w, torch.zeros(4, dtype=torch.float64, device=device),
+                                        torch.ones(4, device=device))
+
+
+def test_torch_compile_fullgraph(device):
+    import fastgpt
+
+    def block(x, weight, bias, q, k, v):
+        h = fastgpt.layer_norm(x, weight, bias, backend="triton")  # (B, T, C)
+        out = fastgpt.attention(q, k, v, causal=True, backend="triton")  # (B, H, T, D)
+        return h, out
+
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(2, 20, 48, generator=gen), torch.randn(48, generator=gen), torch.randn(48, generator=gen),
+              *make_qkv(2, 2, 20, 20, 16)]
+    eager_inputs = [t.to(device).requires_grad_() for t in inputs]
+    compiled_inputs = [t.to(device).requires_grad_() for t in inputs]
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    for fn, args in ((block, eager_inputs), (compiled, compiled_inputs)):
+        h, out = fn(*args)
+        (h.square().sum() + out.square().sum()).backward()
+    for eager, traced in zip(eager_inputs, compiled_inputs):
+        torch.testing.assert_close(traced.grad, eager.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for got, want in zip(compiled(*compiled_inputs), block(*eager_inputs)):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- autotuning
+
+def test_autotune_key_buckets_lengths(kernels):
+    flash_attention, fused_layer_norm, launch = kernels
+    assert [launch.length_bucket(T) for T in (1, 16, 17, 64, 65, 1000, 1024, 1025, 10**6)] == \
+        [16, 16, 32, 64, 128, 1024, 1024, 2048, 16384]
+    for kernel in (flash_attention._attention_fwd_kernel, flash_attention._attention_bwd_dkdv_kernel,
+                   flash_attention._attention_bwd_dq_kernel):
+        assert kernel.keys == ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL"]
+    for kernel in (fused_layer_norm._layer_norm_fwd_kernel, fused_layer_norm._layer_norm_bwd_kernel):
+        assert kernel.keys == ["C"]
+    if launch.INTERPRET:  # one config each: the interpreter must not time candidates
+        assert flash_attention._attention_fwd_kernel.configs == [flash_attention.FWD_INTERPRETER_CONFIG]
+    else:
+        assert flash_attention._attention_fwd_kernel.configs == flash_attention.FWD_CONFIGS
+
+
+def test_autotune_candidates_are_pruned_to_the_lengths(kernels):
+    flash_attention, fused_layer_norm, _ = kernels
+    decode = flash_attention._prune_to_lengths(flash_attention.FWD_CONFIGS, {}, Q_BUCKET=16, K_BUCKET=1024)
+    assert decode and all(c.kwargs["BLOCK_M"] == 16 for c in decode)
+    long = flash_attention._prune_to_lengths(flash_attention.FWD_CONFIGS, {}, Q_BUCKET=4096, K_BUCKET=4096)
+    assert long == flash_attention.FWD_CONFIGS
+    tiny = flash_attention._prune_to_lengths(flash_attention.DQ_CONFIGS, {}, Q_BUCKET=16, K_BUCKET=16)
+    assert len(tiny) == 1  # nothing fits: the smallest tile
+    wide = fused_layer_norm._prune_to_width(fused_layer_norm.FWD_CONFIGS, {"BLOCK_C": 8192})
+    assert wide and all(c.kwargs["BLOCK_R"] == 1 for c in wide)
+    gpt2_xl = fused_layer_norm._prune_to_width(fused_layer_norm.BWD_CONFIGS, {}, BLOCK_C=2048)  # C = 1600
+    assert [c.kwargs["BLOCK_R"] for c in gpt2_xl] == [1, 2, 4]
+    gpt2 = fused_layer_norm._prune_to_width(fused_layer_norm.BWD_CONFIGS, {}, BLOCK_C=1024)  # C = 768
+    assert gpt2 == fused_layer_norm.BWD_CONFIGS
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="the interpreter runs one config: nothing is tuned or cached")
+def test_autotune_caches_one_config_per_bucket(device, kernels):
+    import fastgpt.triton
+    kernel = kernels[0]._attention_fwd_kernel
+
+    def run(Tq, Tk):
+        q, k, v = make_qkv(1, 2, Tq, Tk, 64, dtype=torch.float16, device=device)
+        fastgpt.triton.attention(q, k, v, True, None, 0.0, 0.125, 0)
+        return {key[:4] for key in kernel.cache}  # (Q_BUCKET, K_BUCKET, HEAD_DIM, CAUSAL), then dtypes
+
+    for T in (300, 400, 512):
+        tuned = run(T, T)
+    assert (512, 512, 64, True) in tuned and not any(key[0] in (300, 400) for key in tuned)
+    assert (1024, 1024, 64, True) in run(600, 600)
+    assert (16, 1024, 64, True) in run(1, 600)  # decoding one token against a KV cache
+    assert kernel.best_config.kwargs["BLOCK_M"] == 16
+
+
+# ----------------------------------------------------------------------------- layer norm reduction
+
+@pytest.mark.parametrize("dtype,C", [(torch.float32, 768), (torch.float16, 100)])
+@pytest.mark.parametrize("rows_per_group", [2, 40])
+def test_layer_norm_weight_grads_with_a_short_last_group(device, kernels, dtype, C, rows_per_group):
+    fused_layer_norm = kernels[1]
+    target = fused_layer_norm._target_groups(torch.device(device))
+    # About `rows_per_group` rows per group, N chosen so that the last group is shorter than the
+    # others (with 40 rows per group the row loop inside a group also ends on a partial block).
+    N = next(n for n in range(target * rows_per_group - target // 2, 10**6)
+             if n % fused_layer_norm.row_groups(n, torch.device(device))[0] != 0)
+    rows_per_group, num_groups = fused_layer_norm.row_groups(N, torch.device(device))
+    assert num_groups > 1 and N % rows_per_group != 0
+    gen = torch.Generator().manual_seed(N)
+    x = (torch.randn(N, C, generator=gen) * 2 + 0.5).to(device=device, dtype=dtype).requires_grad_()
+    w = torch.randn(C, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    b = torch.randn(C, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    grad_y = torch.randn(N, C, generator=gen).to(device)
+    import fastgpt.triton
+    fastgpt.triton.layer_norm(x, w, b, 1e-5).backward(grad_y.to(dtype))
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    reference.layer_norm(x64, w64, b64).backward(grad_y.double())
+    baseline = [None] * 3
+    if dtype != torch.float32:
+        xs, ws, bs = (t.detach().requires_grad_() for t in (x, w, b))
+        reference.layer_norm(xs, ws, bs).backward(grad_y.to(dtype))
+        baseline = [xs.grad, ws.grad, bs.grad]
+    for name, got, want, same in zip(("grad_x", "grad_weight", "grad_bias"), (x.grad, w.grad, b.grad),
+                                     (x64.grad, w64.grad, b64.grad), baseline):
+        assert got.dtype == dtype
+        assert_close(got, want, same, what=name)
+
+
+# ----------------------------------------------------------------------------- GPU code generation
+
+HOPPER_COMPILE_SCRIPT = textwrap.dedent("""
+    # Compiles every kernel for sm_90 with Triton's own compiler: no GPU needed.
+    import sys
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+    from triton.runtime.autotuner import Autotuner
+    from fastgpt.triton import flash_attention as fa, fused_layer_norm as ln
+
+    # Triton specialises int arguments equal to 1 as constants: the unit strides of a launch.
+    UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_od", "stride_kpmn",
+                    "stride_xc", "stride_dyc", "stride_w", "stride_b")
+    FLOATS = ("qk_scale", "sm_scale", "dropout_p", "keep_scale", "eps")
+    FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "mean_ptr", "rstd_ptr", "dw_partial_ptr", "db_partial_ptr")
+
+    def build(kernel, dtype, constexprs, num_warps, num_stages):
+        config = kernel.configs[0] if isinstance(kernel, Autotuner) else None
+        fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+        constexprs = {**constexprs, **(config.kwargs if config else {}),
+                      **{name: 1 for name in UNIT_STRIDES if name in fn.arg_names}}
+        signature = {name: "constexpr" if name in constexprs else
+                     ("*fp32" if name in FLOAT32_POINTERS else "*u8" if name == "kpm_ptr" else "*" + dtype)
+                     if name.endswith("_ptr") else "fp32" if name in FLOATS else "i32" for name in fn.arg_names}
+        options = {"num_warps": config.num_warps if config else num_warps,
+                   "num_stages": config.num_stages if config else num_stages}
+        compiled = compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
+        assert compiled.asm["cubin"], fn.__name__
+
+    plain = dict(HEAD_DIM=64, CAUSAL=True, HAS_KPM=False, kpm_ptr=None, HAS_DROPOUT=False, DOT_PRECISION="tf32")
+    every_feature = dict(HEAD_DIM=32, CAUSAL=True, HAS_KPM=True, HAS_DROPOUT=True, DOT_PRECISION="ieee")
+    for kernel in (fa._attention_fwd_kernel, fa._attention_bwd_dkdv_kernel, fa._attention_bwd_dq_kernel):
+        build(kernel, "bf16", plain, 4, 3)  # a GPT's call: no mask, no dropout
+        build(kernel, "fp32", every_feature, 4, 3)
+    build(fa._attention_bwd_delta_kernel, "bf16", dict(HEAD_DIM=64, BLOCK_M=fa.DELTA_BLOCK_M), 4, 1)
+    build(ln._layer_norm_fwd_kernel, "bf16", dict(BLOCK_C=1024), 4, 1)
+    build(ln._layer_norm_bwd_kernel, "bf16", dict(BLOCK_C=1024), 4, 1)
+    build(ln._sum_groups_kernel, "bf16", dict(BLOCK_G=ln.SUM_BLOCK_G, BLOCK_C=ln.SUM_BLOCK_C), 4, 1)
+    print("compiled")
+""")
+
+
+def test_kernels_compile_for_hopper():
+    # The interpreter accepts code that the GPU compiler may not, and has no bfloat16 tl.dot:
+    # compile the bfloat16 kernels for sm_90 ahead of time, in a process without
+    # TRITON_INTERPRET so that @triton.jit builds real kernels.
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE_SCRIPT], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
