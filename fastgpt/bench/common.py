@@ -1,0 +1,384 @@
+"""What every fastgpt benchmark shares: the machine description, the timer, the
+peak-memory measure, out-of-memory handling, the log-log slope fit and the writers.
+
+Timing (time_call):
+- GPU: CUDA events around each call, the L2 cache flushed (a 256 MiB buffer zeroed)
+  before each one so that small kernels do not run from a warm cache;
+- CPU: time.perf_counter around each call.
+Callers warm up first; time_call repeats until both `min_repeats` calls and `target_s`
+seconds are spent (or exactly `repeats` calls) and reports the median.
+
+Peak extra memory (peak_memory_bytes), for one call, its outputs included:
+- GPU: torch.cuda.max_memory_allocated() minus the allocated bytes before the call;
+- CPU: the peak of the running sum of allocations and frees that torch's CPU allocator
+  reports to torch.profiler(profile_memory=True) during the call. Memory a kernel takes
+  outside torch's allocator (a std::vector, the stack) is not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+import fastgpt
+from fastgpt import backends
+
+DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MEMORY_MEASURE = {
+    "cuda": "torch.cuda.max_memory_allocated() during one call minus memory_allocated() before it",
+    "cpu": ("peak of the running sum of torch CPU-allocator allocations/frees during one call, from "
+            "torch.profiler(profile_memory=True); memory a kernel takes outside torch's allocator is not counted"),
+}
+_L2_FLUSH_BYTES = 256 * 2**20
+_l2_flush_buffer: torch.Tensor | None = None
+
+
+# ---- the machine -----------------------------------------------------------------------
+
+def resolve_device(name: str | None) -> torch.device:
+    """`name` ('cpu', 'cuda', 'cuda:1') or, when None, the GPU if there is one."""
+    device = torch.device(name if name else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device must be cpu or cuda, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but no CUDA device is visible (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # equal to the .device of its tensors
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """--dtype, or bfloat16 on a GPU / float32 on the CPU."""
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise SystemExit(f"error: --dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+
+
+def device_kind(device: torch.device) -> str:
+    """The file stem of a device's results: 'cpu', or the GPU model ('h100', 'a100', 'rtx4090')."""
+    if device.type == "cpu":
+        return "cpu"
+    words = [w for w in re.findall(r"[A-Za-z0-9]+", device_name(device))
+             if w.lower() not in ("nvidia", "geforce", "tesla", "amd", "radeon", "instinct")]
+    if not words:
+        return "gpu"
+    kind = words[0].lower()
+    if kind in ("rtx", "gtx", "quadro") and len(words) > 1:
+        kind += words[1].lower()
+    return kind
+
+
+def git_commit() -> str | None:
+    """The commit of the fastgpt checkout being measured (None outside a git checkout)."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def environment(device: torch.device, argv: Sequence[str], prog: str) -> dict:
+    """Everything needed to tell where and how a result was measured."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "device_kind": device_kind(device),
+        "device": str(device),
+        "device_name": device_name(device),
+        "gpu": gpu,
+        "cuda": torch.version.cuda if gpu else None,
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "fastgpt": fastgpt.__version__,
+        "git_commit": git_commit(),
+        "command": " ".join([prog] + [shlex.quote(a) for a in argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def environment_lines(env: dict) -> list[str]:
+    """The markdown lines that say where a result was measured."""
+    versions = f"torch {env['torch']}" + (f", CUDA {env['cuda']}" if env["cuda"] else "")
+    versions += f", triton {env['triton']}" if env["triton"] else ", no triton"
+    hardware = (f"{env['gpu']} (host CPU: {env['cpu_model']}, {env['cpu_cores']} cores)" if env["gpu"]
+                else f"{env['cpu_model']}, {env['cpu_cores']} cores, {env['torch_threads']} torch threads")
+    return [f"- command: `{env['command']}`",
+            f"- device: {hardware}",
+            f"- versions: {versions}, Python {env['python']}, fastgpt {env['fastgpt']}",
+            f"- git commit: {env['git_commit'] or 'unknown'}; date {env['date']}"]
+
+
+def usable_backends(requested: str | None, device: torch.device, candidates: Iterable[str] = backends.NAMES
+                    ) -> tuple[list[str], dict[str, str]]:
+    """(backends to measure, {backend: why it is unavailable on this device}).
+
+    requested: comma-separated names, or None for every candidate available on the device
+    (then a backend that never runs on this kind of device, cuda on the CPU, is not listed)."""
+    report = fastgpt.info()
+    if requested is None:
+        names = [n for n in candidates if device.type in backends.REGISTRY[n].unavailable]
+    else:
+        names = [n.strip() for n in requested.split(",") if n.strip()]
+    unknown = [n for n in names if n not in backends.NAMES]
+    if unknown:
+        raise SystemExit(f"error: unknown backend(s) {', '.join(unknown)}; expected some of {', '.join(backends.NAMES)}")
+    usable, unavailable = [], {}
+    for name in names:
+        if device.type in report[name]["devices"]:
+            usable.append(name)
+        else:
+            unavailable[name] = backends.REGISTRY[name].why_not(device.type) or report[name]["reason"]
+    return usable, unavailable
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="default: bfloat16 on a GPU, float32 on the CPU")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated backends (default: every one available on the device)")
+    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help="where the results go (default: %(default)s)")
+    parser.add_argument("--stem", default=None,
+                        help="file stem of the results (default: the device kind, e.g. cpu, h100)")
+
+
+# ---- timing ----------------------------------------------------------------------------
+
+def timer_description(device: torch.device, flush_l2: bool = True) -> str:
+    """How time_call times on this device, for the result files."""
+    if device.type == "cpu":
+        return "time.perf_counter, median over repeats after warm-up"
+    flush = ", L2 flushed (256 MiB buffer zeroed) before each call" if flush_l2 else ""
+    return "CUDA events, median over repeats after warm-up" + flush
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _flush_l2(device: torch.device) -> None:
+    global _l2_flush_buffer
+    if _l2_flush_buffer is None or _l2_flush_buffer.device != device:
+        _l2_flush_buffer = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    _l2_flush_buffer.zero_()
+
+
+@dataclass
+class Timing:
+    median_s: float
+    repeats: int
+
+
+def time_call(fn: Callable[[], object], device: torch.device, *, repeats: int | None = None,
+              target_s: float = 0.3, min_repeats: int = 3, max_repeats: int = 200,
+              flush_l2: bool = True) -> Timing:
+    """Median seconds of fn(): exactly `repeats` calls, or as many as fit in target_s
+    (at least min_repeats, at most max_repeats). The caller has warmed fn up."""
+    times: list[float] = []
+    start_wall = time.perf_counter()
+    while True:
+        if device.type == "cuda":
+            if flush_l2:
+                _flush_l2(device)
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            begin_s = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin_s)
+        spent = time.perf_counter() - start_wall
+        if repeats is not None:
+            if len(times) >= repeats:
+                break
+        elif len(times) >= max_repeats or (len(times) >= min_repeats and spent >= target_s):
+            break
+    return Timing(statistics.median(times), len(times))
+
+
+# ---- memory ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Kineto prints start/stop lines on the C-level stderr at every profile; keep them off
+    the progress bar. Python exceptions are unaffected."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_allocation_peak(profiler) -> int:
+    """Peak of the running sum of the allocation (+) and free (-) events a profile recorded."""
+    from torch._C._profiler import _EventType
+
+    events, stack = [], list(profiler.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    running = peak = 0
+    for _, size in sorted(events):
+        running += size
+        peak = max(peak, running)
+    return peak
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak extra memory of one call of fn() (its outputs included); see MEMORY_MEASURE."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        synchronize(device)
+        del result
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        result = fn()
+        del result
+    return _cpu_allocation_peak(profiler)
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """What a new allocation can still get: free GPU memory plus what torch's caching
+    allocator holds unused, or the CPU's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA), MemoryError, or the CPU allocator's RuntimeError."""
+    oom_type = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    if isinstance(error, (oom_type, MemoryError)):
+        return True
+    message = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
+
+
+def release_memory(device: torch.device) -> None:
+    """After an out-of-memory error: drop the failed call's tensors and the cached blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- analysis and output ---------------------------------------------------------------
+
+def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Least-squares slope of log(y) against log(x): 2 for y ∝ x², 1 for y ∝ x.
+    None with fewer than two usable (positive) points."""
+    points = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y is not None and y > 0]
+    if len(points) < 2:
+        return None
+    mean_x = sum(p[0] for p in points) / len(points)
+    mean_y = sum(p[1] for p in points) / len(points)
+    var_x = sum((p[0] - mean_x) ** 2 for p in points)
+    if var_x == 0:
+        return None
+    return sum((p[0] - mean_x) * (p[1] - mean_y) for p in points) / var_x
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table whose columns are padded, so it reads in a terminal too."""
+    cells = [[str(c) for c in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number with `digits` significant digits ('—' for None)."""
+    if value is None:
+        return "—"
+    if value == 0 or not math.isfinite(value):
+        return str(value)
+    decimals = max(0, digits - 1 - int(math.floor(math.log10(abs(value)))))
+    return f"{value:.{decimals}f}"
+
+
+def write_outputs(out_dir: str, stem: str, data: dict, markdown: str) -> dict[str, str]:
+    """Writes <out_dir>/<stem>.json and .md; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"json": os.path.join(out_dir, f"{stem}.json"), "md": os.path.join(out_dir, f"{stem}.md")}
+    with open(paths["json"], "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    with open(paths["md"], "w") as f:
+        f.write(markdown.rstrip() + "\n")
+    return paths
+
+
+def progress(total: int, desc: str):
+    """The live progress bar every benchmark shows (on stderr)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="pt", dynamic_ncols=True, leave=True)

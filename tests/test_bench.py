@@ -1,0 +1,204 @@
+"""The benchmarks run end to end on tiny sweeps and write what they promise; a failing
+point (out of memory, over budget, an error) becomes a row while the others go on."""
+import json
+import math
+
+import pytest
+import torch
+
+import fastgpt
+from fastgpt import cli
+from fastgpt.bench import common, context_scaling, gpt_e2e, layer_norm
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def cpu_backends():
+    """naive, sdpa and, where built, the fused C++ backend (Triton's interpreter is too slow to time)."""
+    return ["naive", "sdpa"] + (["cpu"] if "cpu" in fastgpt.info()["cpu"]["devices"] else [])
+
+
+def rows_of(data, **match):
+    return [r for r in data["results"] if all(r[k] == v for k, v in match.items())]
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+def test_loglog_slope_recovers_the_exponent():
+    ts = [128, 256, 512, 1024, 2048]
+    assert common.loglog_slope(ts, [3e-6 * t * t for t in ts]) == pytest.approx(2.0, abs=1e-9)
+    assert common.loglog_slope(ts, [0.5 * t for t in ts]) == pytest.approx(1.0, abs=1e-9)
+    assert common.loglog_slope(ts, [7.0] * len(ts)) == pytest.approx(0.0, abs=1e-9)
+    assert common.loglog_slope([128], [1.0]) is None  # one point has no slope
+    assert common.loglog_slope([128, 256], [1.0, 0.0]) is None  # non-positive values are dropped
+
+
+def test_out_of_memory_errors_are_recognised():
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    assert common.is_out_of_memory(oom("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert common.is_out_of_memory(MemoryError())
+    assert common.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                                                "allocate 68719476736 bytes"))
+    assert not common.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not common.is_out_of_memory(ValueError("out of memory"))  # only the error types torch raises
+
+
+def test_attention_flops_and_naive_memory_estimate():
+    assert context_scaling.attention_flops(2, 12, 1024, 64, causal=False, mode="fwd") == 4 * 2 * 12 * 1024**2 * 64
+    assert context_scaling.attention_flops(2, 12, 1024, 64, causal=True, mode="fwd") == 2 * 2 * 12 * 1024**2 * 64
+    assert context_scaling.attention_flops(1, 1, 128, 64, True, "fwdbwd") == 3.5 * 2 * 128**2 * 64
+    # 4 (B, H, T, T) matrices in the input dtype plus the (T, T) bool mask
+    assert context_scaling.naive_peak_bytes(1, 12, 1024, torch.float32) == 4 * 12 * 1024**2 * 4 + 1024**2
+    assert context_scaling.naive_peak_bytes(1, 12, 1024, torch.bfloat16) == 4 * 12 * 1024**2 * 2 + 1024**2
+
+
+def test_device_kind_names_the_result_files():
+    assert common.device_kind(torch.device("cpu")) == "cpu"
+
+
+def test_peak_memory_counts_what_a_call_allocates():
+    device = torch.device("cpu")
+    n = 1 << 20  # 4 MiB of float32
+    peak = common.peak_memory_bytes(lambda: torch.empty(n).fill_(1.0) + 1.0, device)
+    assert 2 * 4 * n <= peak < 3 * 4 * n  # two live (n,) tensors at the peak, not three
+
+
+# ---- context scaling ------------------------------------------------------------------------
+
+def test_context_scaling_end_to_end_through_the_cli(tmp_path, capsys):
+    backends = cpu_backends()
+    argv = ["bench", "context", "--device", "cpu", "--max-t", "256", "--repeats", "1", "--budget-s", "0",
+            "--backends", ",".join(backends + ["cuda"]), "--out-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "### forward (fwd)" in printed and "### forward + backward (fwdbwd)" in printed
+
+    data = json.loads((tmp_path / "cpu.json").read_text())
+    env = data["environment"]
+    assert env["device_kind"] == "cpu" and env["torch"] == torch.__version__
+    assert env["command"].startswith("fastgpt bench context --device cpu")
+    assert {"cpu_model", "cpu_cores", "git_commit", "triton", "device_name"} <= set(env)
+    assert set(data["unavailable"]) == {"cuda"}  # asked for, cannot run on the CPU: said, not dropped
+    assert data["settings"]["t_values"] == [128, 256]
+    assert len(data["results"]) == len(backends) * 2 * 2  # backends x modes x T
+    for row in data["results"]:
+        assert row["status"] == "ok", row
+        assert row["time_ms"] > 0 and row["memory_mb"] > 0 and row["repeats"] == 1
+        flops = context_scaling.attention_flops(1, 12, row["T"], 64, True, row["mode"])
+        assert row["flops"] == flops
+        assert row["flop_per_s"] == pytest.approx(flops / (row["time_ms"] / 1e3))
+        naive = rows_of(data, backend="naive", mode=row["mode"], T=row["T"])[0]
+        assert row["speedup_vs_naive"] == pytest.approx(naive["time_ms"] / row["time_ms"])
+    # The naive backend materialises (T, T): 4x the memory for 2x the context. SDPA does not.
+    for mode in ("fwd", "fwdbwd"):
+        naive = {r["T"]: r["memory_mb"] for r in rows_of(data, backend="naive", mode=mode)}
+        sdpa = {r["T"]: r["memory_mb"] for r in rows_of(data, backend="sdpa", mode=mode)}
+        assert naive[256] / naive[128] == pytest.approx(4.0, rel=0.1)
+        assert sdpa[256] / sdpa[128] < 3.0
+        assert data["slopes"][mode]["naive"]["memory"] == pytest.approx(2.0, abs=0.15)
+
+    markdown = (tmp_path / "cpu.md").read_text()
+    assert env["command"] in markdown and "![time and memory vs T](cpu.png)" in markdown
+    assert "| T " in markdown and "GFLOP/s" in markdown and "fitted log-log slopes" in markdown
+    assert (tmp_path / "cpu.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_out_of_memory_and_errors_become_rows_and_the_sweep_goes_on(tmp_path):
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+    def runs_out_of_memory_from_256(q, k, v, causal):
+        if q.shape[2] >= 256:
+            raise oom("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return fastgpt.attention(q, k, v, causal=causal, backend="sdpa")
+
+    def rejects_512(q, k, v, causal):
+        if q.shape[2] == 512:
+            raise ValueError("head dim 64 is not supported at T=512")
+        return fastgpt.attention(q, k, v, causal=causal, backend="sdpa")
+
+    impls = {"naive": context_scaling.fastgpt_attention("naive"), "sdpa": context_scaling.fastgpt_attention("sdpa"),
+             "oomy": runs_out_of_memory_from_256, "picky": rejects_512}
+    # 5 MiB: the naive pre-check passes T=128 (3.2 MB) and refuses T=256 (12.6 MB).
+    data = context_scaling.run(["--device", "cpu", "--max-t", "1024", "--repeats", "1", "--budget-s", "0",
+                                "--memory-limit-gb", str(5 / 1024), "--out-dir", str(tmp_path)],
+                               impls=impls, show_progress=False)
+    for mode in ("fwd", "fwdbwd"):
+        status = {name: [r["status"] for r in rows_of(data, backend=name, mode=mode)] for name in impls}
+        assert status["sdpa"] == ["ok"] * 4
+        assert status["naive"] == ["ok", "OOM", "OOM", "OOM"]
+        assert status["oomy"] == ["ok", "OOM", "OOM", "OOM"]
+        assert status["picky"] == ["ok", "ok", "error", "ok"]  # an error does not stop the series
+        naive_256 = rows_of(data, backend="naive", mode=mode, T=256)[0]
+        assert naive_256["note"].startswith("pre-check:") and "GiB available" in naive_256["note"]
+        assert rows_of(data, backend="oomy", mode=mode, T=256)[0]["note"].startswith("OutOfMemoryError")
+        assert rows_of(data, backend="oomy", mode=mode, T=512)[0]["note"] == "since T=256"
+        assert "not supported" in rows_of(data, backend="picky", mode=mode, T=512)[0]["note"]
+        assert "speedup_vs_naive" not in rows_of(data, backend="sdpa", mode=mode, T=512)[0]
+        assert context_scaling.first_failure(data["results"], mode, "naive")["T"] == 256
+    markdown = (tmp_path / "cpu.md").read_text()
+    assert "OOM: pre-check" in markdown and "OOM: since T=256" in markdown and "error: ValueError" in markdown
+
+
+def test_points_over_budget_are_skipped_rows(tmp_path):
+    data = context_scaling.run(["--device", "cpu", "--max-t", "512", "--repeats", "1", "--budget-s", "1e-9",
+                                "--backends", "naive,sdpa", "--modes", "fwd", "--out-dir", str(tmp_path)],
+                               show_progress=False)
+    for name in ("naive", "sdpa"):
+        rows = rows_of(data, backend=name)
+        # The first point has nothing to predict from and runs; the next are predicted over budget.
+        assert [r["status"] for r in rows] == ["ok", "skipped (budget)", "skipped (budget)"]
+        assert rows[1]["note"].startswith("predicted") and rows[2]["note"] == "since T=256"
+    assert data["slopes"]["fwd"]["naive"] == {"time": None, "memory": None}
+    assert (tmp_path / "cpu.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# ---- layer norm ------------------------------------------------------------------------------
+
+def test_layer_norm_bytes():
+    # fwd: x, y (rows·C) + weight, bias (C); bwd: x, dy, dx + weight, dweight, dbias + float32 mean, rstd
+    assert layer_norm.layer_norm_bytes(10, 8, torch.float32, "fwd") == (2 * 80 + 2 * 8) * 4
+    assert layer_norm.layer_norm_bytes(10, 8, torch.bfloat16, "bwd") == (3 * 80 + 3 * 8) * 2 + 2 * 10 * 4
+
+
+def test_layer_norm_bench_end_to_end(tmp_path):
+    backends = [b for b in cpu_backends() if b != "sdpa"]
+    data = layer_norm.run(["--device", "cpu", "--channels", "64,256", "--rows", "128", "--repeats", "1",
+                           "--backends", ",".join(backends), "--out-dir", str(tmp_path)], show_progress=False)
+    assert data["settings"]["implementations"] == ["torch"] + backends
+    assert [(c["rows"], c["C"]) for c in data["copy"]] == [(128, 64), (128, 256)]
+    assert all(c["gb_per_s"] > 0 and c["bytes"] == 2 * 128 * c["C"] * 4 for c in data["copy"])
+    assert len(data["results"]) == 2 * 2 * (1 + len(backends))  # shapes x passes x implementations
+    for row in data["results"]:
+        assert row["status"] == "ok", row
+        assert row["bytes"] == layer_norm.layer_norm_bytes(128, row["C"], torch.float32, row["pass"])
+        assert row["gb_per_s"] == pytest.approx(row["bytes"] / (row["time_us"] / 1e6) / 1e9)
+        copy = next(c for c in data["copy"] if c["C"] == row["C"])
+        assert row["percent_of_copy"] == pytest.approx(100 * row["gb_per_s"] / copy["gb_per_s"])
+        if row["impl"] == "torch":
+            assert row["speedup_vs_torch"] == pytest.approx(1.0)
+    stored = json.loads((tmp_path / "cpu_layer_norm.json").read_text())
+    assert stored["results"] == data["results"] and stored["environment"]["device_kind"] == "cpu"
+    markdown = (tmp_path / "cpu_layer_norm.md").read_text()
+    assert "### forward (fwd)" in markdown and "### backward (bwd)" in markdown and "copy GB/s" in markdown
+
+
+# ---- GPT end to end --------------------------------------------------------------------------
+
+def test_gpt_bench_end_to_end(tmp_path):
+    backends = cpu_backends()
+    data = gpt_e2e.run(["--device", "cpu", "--config", "tiny", "--context-length", "32", "--batch-size", "2",
+                        "--steps", "1", "--warmup-steps", "1", "--prompt-len", "8", "--new-tokens", "4",
+                        "--gen-repeats", "1", "--backends", ",".join(backends), "--out-dir", str(tmp_path)],
+                       show_progress=False)
+    assert [r["backend"] for r in data["results"]] == backends
+    assert data["settings"]["model_config"]["n_layers"] == 2 and data["settings"]["parameters"] > 0
+    for row in data["results"]:
+        assert row["status"] == "ok", row
+        assert row["train_tokens_per_s"] == pytest.approx(2 * 32 / (row["train_step_ms"] / 1e3))
+        assert row["generate_tokens_per_s"] > 0 and row["train_peak_memory_mb"] > 0
+        assert len(row["generated"]) == 4
+        assert math.isfinite(row["loss"])
+        # Same weights, same batch: every backend computes the same loss (float32, no dropout).
+        assert row["loss_diff_vs_naive"] < 1e-4
+    assert (tmp_path / "cpu_gpt.json").exists()
+    assert "train tok/s" in (tmp_path / "cpu_gpt.md").read_text()
