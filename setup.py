@@ -71,7 +71,7 @@ def extension():
         return CppExtension(**args, extra_compile_args={"cxx": cxx})
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     args["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+    nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             *defines]
     return CUDAExtension(**args, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
 

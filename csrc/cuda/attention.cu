@@ -1,0 +1,191 @@
+// CUDA implementations of fastgpt::attention_fwd / attention_bwd (schemas: csrc/ops.cpp):
+// argument checks, output allocation, and dispatch on dtype and head dim to the kernels
+// of attention_{fwd,bwd}_<dtype>.cu. Everything runs on the current stream without host
+// synchronisation or allocations outside the caching allocator, so the ops can be
+// captured in CUDA graphs.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "cuda/attention.h"
+#include "cuda/device_checks.h"
+
+namespace fastgpt::cuda {
+namespace {
+
+using Launcher = void (*)(const AttentionParams&, cudaStream_t);
+
+template <typename Element>
+Launcher pick_head_dim(bool forward, int64_t head_dim) {
+  switch (head_dim) {
+    case 16: return forward ? launch_attention_fwd<Element, 16> : launch_attention_bwd<Element, 16>;
+    case 32: return forward ? launch_attention_fwd<Element, 32> : launch_attention_bwd<Element, 32>;
+    case 64: return forward ? launch_attention_fwd<Element, 64> : launch_attention_bwd<Element, 64>;
+    case 128: return forward ? launch_attention_fwd<Element, 128> : launch_attention_bwd<Element, 128>;
+    default: return nullptr;
+  }
+}
+
+Launcher pick_launcher(bool forward, at::ScalarType dtype, int64_t head_dim) {
+  Launcher launcher = nullptr;
+  switch (dtype) {
+    case at::kHalf: launcher = pick_head_dim<__half>(forward, head_dim); break;
+    case at::kBFloat16: launcher = pick_head_dim<__nv_bfloat16>(forward, head_dim); break;
+    case at::kFloat: launcher = pick_head_dim<float>(forward, head_dim); break;
+    default:
+      TORCH_CHECK(false, "fastgpt CUDA attention supports float16, bfloat16 (tensor cores) and float32, got ",
+                  dtype);
+  }
+  TORCH_CHECK(launcher != nullptr, "fastgpt CUDA attention supports head dims 16, 32, 64 and 128, got ", head_dim);
+  return launcher;
+}
+
+void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& key_padding_mask) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "fastgpt attention: q (B, H, Tq, D), k and v (B, H, Tk, D) must be 4-D, got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes(), "fastgpt attention: k and v must have the same shape, got ", k.sizes(),
+              " and ", v.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "fastgpt attention: q and k, v must agree in B, H and D, got ", q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "fastgpt attention: q, k, v must share one dtype");
+  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(),
+              "fastgpt attention: q, k, v must be on one CUDA device");
+  TORCH_CHECK(q.size(2) < 65535LL * 64, "fastgpt CUDA attention: Tq too large for the launch grid");
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& mask = *key_padding_mask;
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == k.size(0) &&
+                    mask.size(1) == k.size(2) && mask.device() == q.device(),
+                "fastgpt attention: key_padding_mask must be a bool (B, Tk) tensor on the device of q, got ",
+                mask.scalar_type(), " ", mask.sizes());
+  }
+}
+
+// A (B, H, T, D) tensor as the kernels read it: the last dim contiguous and every row
+// starting on a 16-byte boundary (cp.async), else a contiguous copy.
+at::Tensor kernel_layout(const at::Tensor& t) {
+  const int64_t elements_per_16_bytes = 16 / t.element_size();
+  bool ok = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int dim = 0; dim < 3; ++dim) ok = ok && (t.size(dim) == 1 || t.stride(dim) % elements_per_16_bytes == 0);
+  return ok ? t : t.contiguous();
+}
+
+AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, bool causal, double scale, double dropout_p,
+                            int64_t seed) {
+  AttentionParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
+  p.key_padding_mask = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+  p.batch = int(q.size(0)), p.heads = int(q.size(1)), p.q_len = int(q.size(2)), p.k_len = int(k.size(2));
+  p.causal = causal;
+  p.scale = float(scale);
+  p.scale_log2 = float(scale * 1.4426950408889634);
+  p.dropout_p = float(dropout_p);
+  p.dropout_scale = float(1.0 / (1.0 - dropout_p));
+  p.seed = static_cast<uint32_t>(seed);  // Philox key word 0 is the seed modulo 2^32 (csrc/philox.h)
+  return p;
+}
+
+std::optional<at::Tensor> contiguous_mask(const std::optional<at::Tensor>& mask) {
+  if (!mask.has_value()) return std::nullopt;
+  return mask->contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& key_padding_mask,
+                                                      bool causal, double scale, double dropout_p, int64_t seed) {
+  check_attention_inputs(q, k, v, key_padding_mask);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "fastgpt attention: dropout_p must be in [0, 1), got ", dropout_p);
+  const c10::cuda::CUDAGuard guard(q.device());
+  check_compute_capability();
+  const Launcher launcher = pick_launcher(/*forward=*/true, q.scalar_type(), q.size(3));
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
+  at::Tensor out = at::empty({B, H, Tq, D}, q.options());                    // (B, H, Tq, D)
+  at::Tensor lse = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));     // (B, H, Tq)
+  if (out.numel() == 0) return {out, lse};
+  if (Tk == 0) {  // no key at all: every row sees nothing
+    out.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
+  const at::Tensor q_ = kernel_layout(q), k_ = kernel_layout(k), v_ = kernel_layout(v);
+  const std::optional<at::Tensor> mask = contiguous_mask(key_padding_mask);
+  AttentionParams p = make_params(q_, k_, v_, mask, causal, scale, dropout_p, seed);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  launcher(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
+    double dropout_p, int64_t seed) {
+  check_attention_inputs(q, k, v, key_padding_mask);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "fastgpt attention backward: grad_out and out must have the shape of q ", q.sizes(), ", got ",
+              grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "fastgpt attention backward: grad_out and out must have the dtype of q");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == q.size(0) &&
+                  lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+              "fastgpt attention backward: lse must be float32 (B, H, Tq), got ", lse.scalar_type(), " ",
+              lse.sizes());
+  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
+              "fastgpt attention backward: all tensors must be on the device of q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  check_compute_capability();
+  const Launcher launcher = pick_launcher(/*forward=*/false, q.scalar_type(), q.size(3));
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
+  const auto contiguous = at::MemoryFormat::Contiguous;
+  at::Tensor grad_q = at::empty_like(q, contiguous), grad_k = at::empty_like(k, contiguous),
+             grad_v = at::empty_like(v, contiguous);
+  if (Tq == 0 || Tk == 0 || B * H * D == 0) {  // nothing flows anywhere
+    grad_q.zero_(), grad_k.zero_(), grad_v.zero_();
+    return {grad_q, grad_k, grad_v};
+  }
+  const at::Tensor q_ = kernel_layout(q), k_ = kernel_layout(k), v_ = kernel_layout(v);
+  const at::Tensor grad_out_ = kernel_layout(grad_out), out_ = out.contiguous(), lse_ = lse.contiguous();
+  const std::optional<at::Tensor> mask = contiguous_mask(key_padding_mask);
+  at::Tensor delta = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));             // (B, H, Tq)
+  at::Tensor grad_q_accum = at::zeros({B, H, Tq, D}, q.options().dtype(at::kFloat));  // (B, H, Tq, D)
+  AttentionParams p = make_params(q_, k_, v_, mask, causal, scale, dropout_p, seed);
+  p.grad_out = grad_out_.data_ptr();
+  p.grad_out_batch_stride = grad_out_.stride(0), p.grad_out_head_stride = grad_out_.stride(1),
+  p.grad_out_row_stride = grad_out_.stride(2);
+  p.saved_out = out_.data_ptr();
+  p.saved_lse = lse_.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.grad_q_accum = grad_q_accum.data_ptr<float>();
+  p.grad_q = grad_q.data_ptr(), p.grad_k = grad_k.data_ptr(), p.grad_v = grad_v.data_ptr();
+  launcher(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+}  // namespace fastgpt::cuda
+
+TORCH_LIBRARY_IMPL(fastgpt, CUDA, m) {
+  m.impl("attention_fwd", &fastgpt::cuda::attention_fwd_cuda);
+  m.impl("attention_bwd", &fastgpt::cuda::attention_bwd_cuda);
+}

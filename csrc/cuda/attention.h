@@ -1,0 +1,52 @@
+// The interface between the host wrappers (attention.cu, which know torch) and the
+// attention kernels (attention_*.cuh, instantiated one group per .cu file, which know
+// nothing about torch or Python).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fastgpt::cuda {
+
+// Strides are in elements; the last dimension (D) of every tensor is contiguous, rows
+// start on 16-byte boundaries (the host wrapper copies tensors that are not).
+struct AttentionParams {
+  const void* q;  // (B, H, Tq, D)
+  const void* k;  // (B, H, Tk, D)
+  const void* v;  // (B, H, Tk, D)
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  const bool* key_padding_mask;  // (B, Tk) contiguous, true = keep; nullptr: every key visible
+  int batch, heads, q_len, k_len;
+  bool causal;                    // bottom-right aligned: query i sees key j iff j <= i + (Tk - Tq)
+  float scale;                    // scores are scale * q·k
+  float scale_log2;               // scale * log2(e): the kernels work with exp2
+  float dropout_p;                // 0: no dropout
+  float dropout_scale;            // 1 / (1 - dropout_p)
+  uint32_t seed;                  // Philox key word 0 (csrc/philox.h); word 1 is b * H + h
+
+  // forward outputs
+  void* out;   // (B, H, Tq, D) contiguous, dtype of q
+  float* lse;  // (B, H, Tq) contiguous, natural log; -inf for rows that see no key
+
+  // backward (the forward's out and lse are inputs then)
+  const void* grad_out;  // (B, H, Tq, D)
+  int64_t grad_out_batch_stride, grad_out_head_stride, grad_out_row_stride;
+  const void* saved_out;  // (B, H, Tq, D) contiguous
+  const float* saved_lse; // (B, H, Tq)
+  float* delta;           // (B, H, Tq) scratch: rowsum(grad_out * out)
+  float* grad_q_accum;    // (B, H, Tq, D) float32 scratch, zero-initialised
+  void* grad_q;           // (B, H, Tq, D) contiguous
+  void* grad_k;           // (B, H, Tk, D) contiguous
+  void* grad_v;           // (B, H, Tk, D) contiguous
+};
+
+// Defined in attention_{fwd,bwd}_<dtype>.cu for Element in {__half, __nv_bfloat16,
+// float} and kHeadDim in {16, 32, 64, 128}. They launch on `stream` and never sync.
+template <typename Element, int kHeadDim>
+void launch_attention_fwd(const AttentionParams& params, cudaStream_t stream);
+template <typename Element, int kHeadDim>
+void launch_attention_bwd(const AttentionParams& params, cudaStream_t stream);
+
+}  // namespace fastgpt::cuda

@@ -1,0 +1,269 @@
+// Attention backward, FlashAttention-2 style, in three launches:
+//   1. delta:  D_i = Σ_d dO[i, d] · O[i, d]  (= Σ_j P̃_ij dP̃_ij, also under dropout);
+//   2. main:   one thread block per (batch, head, tile of kBlockN keys); warp w owns keys
+//              [16w, 16w + 16). It walks the query tiles that can see its keys, with Q,
+//              dO, lse and D double-buffered through shared memory, and recomputes the
+//              probabilities from the saved log-sum-exp instead of storing them:
+//                Sᵀ = K Qᵀ,  Pᵀ = exp(scale·Sᵀ - lse),   dP̃ᵀ = V dOᵀ,
+//                dropout: P̃ = P·keep/(1-p),  dP = dP̃·keep/(1-p),
+//                dSᵀ = Pᵀ ∘ (dPᵀ - D),  dV += P̃ᵀ dO,  dK += dSᵀ Q,  dQ += dS K.
+//              Working with the transposed scores puts keys on the accumulator rows,
+//              so P̃ᵀ and dSᵀ are already the A operands of the dV and dK GEMMs. dK and
+//              dV stay in registers for the whole walk; dQ (shared by all key blocks)
+//              is added to a float32 buffer with atomics, after dSᵀ goes through
+//              shared memory to be re-read as dS;
+//   3. convert: dQ = scale · dQ_accum, cast to the input dtype.
+#pragma once
+#include "cuda/attention_common.cuh"
+
+namespace fastgpt::cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename Element, int kHeadDim>
+struct BwdConfig {
+  static constexpr bool kTensorCores = !kIsFloat32<Element>;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockN = 16 * kWarps;             // keys per block
+  static constexpr int kBlockM = kTensorCores ? 64 : 32;  // queries per step
+  using Tile = SmemTile<Element, kHeadDim>;               // K, V (kBlockN rows); Q, dO (kBlockM rows)
+  using STile = SmemTile<Element, kBlockM>;               // dSᵀ (and P̃ᵀ on the SIMT path): keys x queries
+  static constexpr int kKVElems = kBlockN * kHeadDim;
+  static constexpr int kQElems = kBlockM * kHeadDim;
+  static constexpr int kSElems = kBlockN * kBlockM;
+  static constexpr int kSTiles = kTensorCores ? 1 : 2;
+  // K | V | Q stage 0, 1 | dO stage 0, 1 | dSᵀ | (P̃ᵀ) | lse·log2(e) stage 0, 1 | D stage 0, 1
+  static constexpr size_t kElementBytes = sizeof(Element) * (2 * kKVElems + 4 * kQElems + kSTiles * kSElems);
+  static constexpr size_t kSmemBytes = kElementBytes + sizeof(float) * 4 * kBlockM;
+  // dQ = dS K: kBlockM / 16 row strips, each split over kWarps / strips warps by columns.
+  static constexpr int kDqStrips = kBlockM / 16;
+  static constexpr int kDqCols = kHeadDim / (kWarps / kDqStrips);
+};
+
+template <typename Element, int kHeadDim>
+__global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
+    attention_bwd_kernel(const AttentionParams p) {
+  using Cfg = BwdConfig<Element, kHeadDim>;
+  using Tile = typename Cfg::Tile;
+  using STile = typename Cfg::STile;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kThreads = Cfg::kThreads;
+  constexpr int kMTiles = kBlockM / 8;   // 8-column accumulator tiles of a warp's Sᵀ strip (16 x kBlockM)
+  constexpr int kDTiles = kHeadDim / 8;  // ... of its dK, dV rows (16 x D)
+  constexpr int kDqTiles = Cfg::kDqCols / 8;
+
+  unsigned char* const smem = dynamic_smem();
+  Element* const elements = reinterpret_cast<Element*>(smem);
+  const Tile k_tile{elements}, v_tile{elements + Cfg::kKVElems};
+  Element* const q_base = elements + 2 * Cfg::kKVElems;
+  // Stage s of Q is at q_base + s * kQElems, of dO two tiles further (arithmetic, not arrays:
+  // no local memory).
+  auto q_tile = [&](int stage) { return Tile{q_base + stage * Cfg::kQElems}; };
+  auto do_tile = [&](int stage) { return Tile{q_base + (2 + stage) * Cfg::kQElems}; };
+  const STile ds_tile{q_base + 4 * Cfg::kQElems};
+  const STile pt_tile{q_base + 4 * Cfg::kQElems + Cfg::kSElems};  // SIMT path only
+  float* const lse2_base = reinterpret_cast<float*>(smem + Cfg::kElementBytes);
+  // (kBlockM,) per stage: lse·log2(e) of stage s at lse2_base + s·kBlockM, D two further.
+  auto lse2 = [&](int stage) { return lse2_base + stage * kBlockM; };
+  auto delta = [&](int stage) { return lse2_base + (2 + stage) * kBlockM; };
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int batch_head = blockIdx.x, batch = batch_head / p.heads, head = batch_head % p.heads;
+  const int key0 = blockIdx.y * kBlockN;
+  const int warp_key0 = 16 * warp;
+  const int keys[2] = {key0 + warp_key0 + g, key0 + warp_key0 + g + 8};  // rows this lane holds
+
+  const Element* q = offset_pointer<Element>(p.q, batch, head, p.q_batch_stride, p.q_head_stride);
+  const Element* k = offset_pointer<Element>(p.k, batch, head, p.k_batch_stride, p.k_head_stride);
+  const Element* v = offset_pointer<Element>(p.v, batch, head, p.v_batch_stride, p.v_head_stride);
+  const Element* dout =
+      offset_pointer<Element>(p.grad_out, batch, head, p.grad_out_batch_stride, p.grad_out_head_stride);
+  const float* saved_lse = p.saved_lse + int64_t(batch_head) * p.q_len;
+  const float* row_delta = p.delta + int64_t(batch_head) * p.q_len;
+  float* dq_accum = p.grad_q_accum + int64_t(batch_head) * p.q_len * kHeadDim;
+  const Visibility visible(p, batch);
+
+  // Query tiles [m_begin, m_tiles) hold every query that sees a key of this block
+  // (causal: query i sees key0 iff i >= key0 - causal_offset).
+  const int m_begin = p.causal ? max(0, key0 - visible.causal_offset) / kBlockM : 0;
+  const int m_tiles = (p.q_len + kBlockM - 1) / kBlockM;
+
+  auto load_query_side = [&](int m_tile, int stage) {
+    const int query0 = m_tile * kBlockM;
+    load_tile_async<kBlockM, kThreads>(q_tile(stage), q + query0 * p.q_row_stride, p.q_row_stride,
+                                       p.q_len - query0);
+    load_tile_async<kBlockM, kThreads>(do_tile(stage), dout + query0 * p.grad_out_row_stride,
+                                       p.grad_out_row_stride, p.q_len - query0);
+    for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
+      const int query = query0 + i;
+      const float lse = query < p.q_len ? saved_lse[query] : -INFINITY;
+      // Rows that see no key (lse = -inf) and padding rows get +inf: exp2(s - inf) = 0.
+      lse2(stage)[i] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+      delta(stage)[i] = query < p.q_len ? row_delta[query] : 0.0f;
+    }
+  };
+
+  load_tile_async<kBlockN, kThreads>(k_tile, k + key0 * p.k_row_stride, p.k_row_stride, p.k_len - key0);
+  load_tile_async<kBlockN, kThreads>(v_tile, v + key0 * p.v_row_stride, p.v_row_stride, p.k_len - key0);
+  if (m_begin < m_tiles) load_query_side(m_begin, 0);
+  cp_async_commit();
+
+  float dk[kDTiles][4], dv[kDTiles][4];  // this warp's 16 rows of dK / scale and dV
+  zero(dk);
+  zero(dv);
+  // dQ work split: this warp's 16 query rows and kDqCols columns of each query tile.
+  const int dq_row0 = 16 * (warp % Cfg::kDqStrips), dq_col0 = Cfg::kDqCols * (warp / Cfg::kDqStrips);
+
+  for (int m_tile = m_begin; m_tile < m_tiles; ++m_tile) {
+    const int stage = (m_tile - m_begin) % 2, query0 = m_tile * kBlockM;
+    if (m_tile + 1 < m_tiles) load_query_side(m_tile + 1, stage ^ 1);  // released by the last iteration's sync
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    // Sᵀ = K Qᵀ and dP̃ᵀ = V dOᵀ (16 keys x kBlockM queries): B(k = d, n = query) = Q(query, d).
+    float st[kMTiles][4], dpt[kMTiles][4];
+    zero(st);
+    zero(dpt);
+    if constexpr (Cfg::kTensorCores) {
+      warp_gemm_tensor_cores<Element, kHeadDim>(st, row_major(k_tile, warp_key0, 0), transposed(q_tile(stage), 0, 0));
+      warp_gemm_tensor_cores<Element, kHeadDim>(dpt, row_major(v_tile, warp_key0, 0),
+                                                transposed(do_tile(stage), 0, 0));
+    } else {
+      warp_gemm_simt<kHeadDim>(st, row_major(k_tile, warp_key0, 0), transposed(q_tile(stage), 0, 0));
+      warp_gemm_simt<kHeadDim>(dpt, row_major(v_tile, warp_key0, 0), transposed(do_tile(stage), 0, 0));
+    }
+
+    // Elementwise: st becomes P̃ᵀ, dpt becomes dSᵀ (column c of a tile is query query0 + c).
+    const bool needs_mask = visible.tile_needs_mask(query0, key0, kBlockN);
+#pragma unroll
+    for (int n = 0; n < kMTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * n + 2 * t + e % 2, query = query0 + col, key = keys[e / 2];
+        float prob = exp2f(st[n][e] * p.scale_log2 - lse2(stage)[col]);
+        if (needs_mask && !visible(query, key)) prob = 0.0f;
+        float dprob = dpt[n][e];
+        float kept_prob = prob;
+        if (p.dropout_p > 0.0f) {
+          const bool keep = dropout_keeps(p, batch_head, query, key);
+          kept_prob = keep ? prob * p.dropout_scale : 0.0f;
+          dprob = keep ? dprob * p.dropout_scale : 0.0f;
+        }
+        st[n][e] = kept_prob;
+        dpt[n][e] = prob * (dprob - delta(stage)[col]);
+      }
+    }
+
+    // dV += P̃ᵀ dO and dK += dSᵀ Q: B(k = query, n = d) = dO(query, d) / Q(query, d).
+    if constexpr (Cfg::kTensorCores) {
+      warp_gemm_tensor_cores<Element, kBlockM>(dv, accumulators_as_a<Element>(st), row_major(do_tile(stage), 0, 0));
+      warp_gemm_tensor_cores<Element, kBlockM>(dk, accumulators_as_a<Element>(dpt), row_major(q_tile(stage), 0, 0));
+      store_accumulators(ds_tile, warp_key0, 0, dpt);
+    } else {
+      store_accumulators(pt_tile, warp_key0, 0, st);
+      store_accumulators(ds_tile, warp_key0, 0, dpt);
+      __syncwarp();
+      warp_gemm_simt<kBlockM>(dv, row_major(pt_tile, warp_key0, 0), row_major(do_tile(stage), 0, 0));
+      warp_gemm_simt<kBlockM>(dk, row_major(ds_tile, warp_key0, 0), row_major(q_tile(stage), 0, 0));
+    }
+    // dSᵀ is complete, and nobody reads this stage's Q, dO, lse, D any more: the next
+    // iteration may refill it as soon as it starts.
+    __syncthreads();
+
+    // dQ += dS K: A(m = query, k = key) = dSᵀ(key, query), B(k = key, n = d) = K(key, d).
+    float dq[kDqTiles][4];
+    zero(dq);
+    if constexpr (Cfg::kTensorCores) {
+      warp_gemm_tensor_cores<Element, kBlockN>(dq, transposed(ds_tile, 0, dq_row0), row_major(k_tile, 0, dq_col0));
+    } else {
+      warp_gemm_simt<kBlockN>(dq, transposed(ds_tile, 0, dq_row0), row_major(k_tile, 0, dq_col0));
+    }
+#pragma unroll
+    for (int n = 0; n < kDqTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int query = query0 + dq_row0 + g + 8 * (e / 2), col = dq_col0 + 8 * n + 2 * t + e % 2;
+        if (query < p.q_len) atomicAdd(dq_accum + int64_t(query) * kHeadDim + col, dq[n][e]);
+      }
+    }
+    // ds_tile is rewritten only after the next iteration's __syncthreads: no sync here.
+  }
+
+  // Epilogue: dK = scale · Σ dSᵀ Q; both go out through the (now free) K and V tiles.
+#pragma unroll
+  for (int n = 0; n < kDTiles; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] *= p.scale;
+  }
+  cp_async_wait<0>();  // K, V may still be in flight when no query tile was visited
+  __syncthreads();     // every warp is done reading K (dQ reads all of it)
+  store_accumulators(k_tile, warp_key0, 0, dk);
+  store_accumulators(v_tile, warp_key0, 0, dv);
+  __syncthreads();
+  const int64_t out_offset = (int64_t(batch_head) * p.k_len + key0) * kHeadDim;
+  store_tile<kBlockN, kThreads>(k_tile, static_cast<Element*>(p.grad_k) + out_offset, p.k_len - key0);
+  store_tile<kBlockN, kThreads>(v_tile, static_cast<Element*>(p.grad_v) + out_offset, p.k_len - key0);
+}
+
+// D_i = Σ_d dO[i, d] · O[i, d] over all B·H·Tq rows; kHeadDim / kVec lanes per row.
+template <typename Element, int kHeadDim>
+__global__ void __launch_bounds__(256) attention_bwd_delta_kernel(const AttentionParams p) {
+  constexpr int kVec = kVecElems<Element>;
+  constexpr int kLanesPerRow = kHeadDim / kVec;  // a power of two <= 32
+  constexpr int kRowsPerBlock = 256 / kLanesPerRow;
+  const int64_t total_rows = int64_t(p.batch) * p.heads * p.q_len;
+  const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kLanesPerRow;
+  const int part = threadIdx.x % kLanesPerRow;
+  float sum = 0.0f;
+  if (row < total_rows) {
+    const int64_t batch_head = row / p.q_len;
+    const int query = int(row % p.q_len);
+    const int batch = int(batch_head / p.heads), head = int(batch_head % p.heads);
+    const Element* dout = offset_pointer<Element>(p.grad_out, batch, head, p.grad_out_batch_stride,
+                                                  p.grad_out_head_stride) + query * p.grad_out_row_stride;
+    const Element* out = static_cast<const Element*>(p.saved_out) + row * kHeadDim;
+    float a[kVec], b[kVec];
+    load_vector(dout + part * kVec, a);
+    load_vector(out + part * kVec, b);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) sum = fmaf(a[i], b[i], sum);
+  }
+#pragma unroll
+  for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(kFullWarp, sum, offset);
+  if (part == 0 && row < total_rows) p.delta[row] = sum;
+}
+
+// dQ = scale · dQ_accum in the input dtype, 4 elements per thread and step.
+template <typename Element>
+__global__ void __launch_bounds__(256) attention_bwd_convert_dq_kernel(const AttentionParams p, int64_t n_quads) {
+  Element* grad_q = static_cast<Element*>(p.grad_q);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n_quads; i += int64_t(gridDim.x) * blockDim.x) {
+    const float4 x = reinterpret_cast<const float4*>(p.grad_q_accum)[i];
+    grad_q[4 * i + 0] = from_float<Element>(x.x * p.scale);
+    grad_q[4 * i + 1] = from_float<Element>(x.y * p.scale);
+    grad_q[4 * i + 2] = from_float<Element>(x.z * p.scale);
+    grad_q[4 * i + 3] = from_float<Element>(x.w * p.scale);
+  }
+}
+
+template <typename Element, int kHeadDim>
+void launch_attention_bwd(const AttentionParams& params, cudaStream_t stream) {
+  using Cfg = BwdConfig<Element, kHeadDim>;
+  const int64_t rows = int64_t(params.batch) * params.heads * params.q_len;
+  constexpr int kRowsPerDeltaBlock = 256 / (kHeadDim / kVecElems<Element>);
+  launch_kernel(attention_bwd_delta_kernel<Element, kHeadDim>,
+                unsigned((rows + kRowsPerDeltaBlock - 1) / kRowsPerDeltaBlock), 256, 0, stream, params);
+
+  auto kernel = attention_bwd_kernel<Element, kHeadDim>;
+  allow_shared_memory(kernel, Cfg::kSmemBytes);
+  const dim3 grid(params.batch * params.heads, (params.k_len + Cfg::kBlockN - 1) / Cfg::kBlockN);
+  launch_kernel(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, params);
+
+  const int64_t n_quads = rows * kHeadDim / 4;
+  const int64_t blocks = (n_quads + 255) / 256;
+  launch_kernel(attention_bwd_convert_dq_kernel<Element>, unsigned(blocks < 65536 ? blocks : 65536), 256, 0, stream,
+                params, n_quads);
+}
+
+}  // namespace fastgpt::cuda

@@ -1,0 +1,216 @@
+// Attention forward, FlashAttention-2 style.
+//
+// One thread block per (batch, head, tile of kBlockM query rows); warp w owns query rows
+// [16w, 16w + 16) of the tile. K and V stream through shared memory in tiles of kBlockN
+// keys, double-buffered with cp.async (the next tile loads while this one computes).
+// For each key tile a warp computes its 16 x kBlockN scores S = Q Kᵀ in registers,
+// updates the online softmax, and accumulates O += P V, P never leaving registers on
+// the tensor-core path. The scores are kept in log2 units (scale·log2(e) folded in) so
+// that every exponential is one exp2.
+//
+// Online-softmax invariant, per query row, after the key tiles seen so far:
+//   row_max = max of the visible scaled scores (-inf while none is visible),
+//   row_sum = Σ exp2(s_j - row_max),  acc = Σ exp2(s_j - row_max) · keep_j · V_j
+// (keep_j: the dropout decision); a new tile with a larger maximum rescales both by
+// exp2(old_max - new_max). At the end O = acc · dropout_scale / row_sum and
+// lse = (row_max + log2 row_sum) · ln 2, the natural-log log-sum-exp.
+//
+// float16 / bfloat16 run on tensor cores (mma.sync); float32 inputs take the same kernel
+// with SIMT float32 FMAs in place of the MMAs (exact float32 math, several times slower).
+//
+// Key tiles run from the last to the first, so tiles that need masking (the causal
+// diagonal, the ragged end of the keys) come first; tiles wholly above the causal
+// diagonal are never loaded; tiles wholly visible skip the masking code.
+#pragma once
+#include "cuda/attention_common.cuh"
+
+namespace fastgpt::cuda {
+
+template <typename Element, int kHeadDim>
+struct FwdConfig {
+  static constexpr bool kTensorCores = !kIsFloat32<Element>;
+  static constexpr int kWarps = kTensorCores ? 8 : 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockM = 16 * kWarps;             // query rows per block
+  static constexpr int kBlockN = kTensorCores ? 64 : 32;  // keys per pipeline stage
+  using Tile = SmemTile<Element, kHeadDim>;               // Q (kBlockM rows), K, V (kBlockN rows)
+  using PTile = SmemTile<Element, kBlockN>;               // SIMT path only: P goes through smem
+  static constexpr int kQElems = kBlockM * kHeadDim;
+  static constexpr int kKVElems = kBlockN * kHeadDim;
+  static constexpr int kPElems = kTensorCores ? 0 : kBlockM * kBlockN;
+  // Q | K stage 0 | K stage 1 | V stage 0 | V stage 1 | P
+  static constexpr size_t kSmemBytes = sizeof(Element) * (kQElems + 4 * kKVElems + kPElems);
+};
+
+template <typename Element, int kHeadDim>
+__global__ void __launch_bounds__(FwdConfig<Element, kHeadDim>::kThreads)
+    attention_fwd_kernel(const AttentionParams p) {
+  using Cfg = FwdConfig<Element, kHeadDim>;
+  using Tile = typename Cfg::Tile;
+  constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kThreads = Cfg::kThreads;
+  constexpr int kSTiles = kBlockN / 8;   // 8-column accumulator tiles of a warp's scores (16 x kBlockN)
+  constexpr int kOTiles = kHeadDim / 8;  // ... of its output rows (16 x D)
+
+  unsigned char* const smem = dynamic_smem();
+  Element* const smem_elements = reinterpret_cast<Element*>(smem);
+  const Tile q_tile{smem_elements};
+  // Stage s of K is at k_base + s * kKVElems (arithmetic, not an array: no local memory).
+  Element* const k_base = smem_elements + Cfg::kQElems;
+  Element* const v_base = smem_elements + Cfg::kQElems + 2 * Cfg::kKVElems;
+  auto k_tile = [&](int stage) { return Tile{k_base + stage * Cfg::kKVElems}; };
+  auto v_tile = [&](int stage) { return Tile{v_base + stage * Cfg::kKVElems}; };
+  const typename Cfg::PTile p_tile{smem_elements + Cfg::kQElems + 4 * Cfg::kKVElems};
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane % 4;
+  const int batch_head = blockIdx.x, batch = batch_head / p.heads, head = batch_head % p.heads;
+  const int row0 = (gridDim.y - 1 - blockIdx.y) * kBlockM;  // longest causal rows first: a shorter tail
+  const int warp_row0 = 16 * warp;                          // the warp's rows within the tile
+  // The two query rows this lane holds in every accumulator (g and g + 8 of the strip).
+  const int rows[2] = {row0 + warp_row0 + lane / 4, row0 + warp_row0 + lane / 4 + 8};
+
+  const Element* q = offset_pointer<Element>(p.q, batch, head, p.q_batch_stride, p.q_head_stride);
+  const Element* k = offset_pointer<Element>(p.k, batch, head, p.k_batch_stride, p.k_head_stride);
+  const Element* v = offset_pointer<Element>(p.v, batch, head, p.v_batch_stride, p.v_head_stride);
+  const Visibility visible(p, batch);
+
+  // Keys [0, key_end) include every key visible to some row of this block.
+  const int last_row = min(row0 + kBlockM, p.q_len) - 1;
+  const int key_end = p.causal ? min(p.k_len, last_row + visible.causal_offset + 1) : p.k_len;
+  const int n_tiles = key_end > 0 ? (key_end + kBlockN - 1) / kBlockN : 0;
+
+  auto load_kv = [&](int tile, int stage) {
+    const int key0 = tile * kBlockN;
+    load_tile_async<kBlockN, kThreads>(k_tile(stage), k + key0 * p.k_row_stride, p.k_row_stride, p.k_len - key0);
+    load_tile_async<kBlockN, kThreads>(v_tile(stage), v + key0 * p.v_row_stride, p.v_row_stride, p.k_len - key0);
+  };
+
+  load_tile_async<kBlockM, kThreads>(q_tile, q + row0 * p.q_row_stride, p.q_row_stride, p.q_len - row0);
+  if (n_tiles > 0) load_kv(n_tiles - 1, 0);
+  cp_async_commit();
+
+  float row_max[2] = {-INFINITY, -INFINITY};  // per held row, in log2 units; the 4 lanes of a quad agree
+  float row_sum[2] = {0.0f, 0.0f};            // this lane's share; summed over the quad at the end
+  float acc[kOTiles][4];                      // O strip (16 x D), unnormalised
+  zero(acc);
+
+  cp_async_wait<0>();
+  __syncthreads();
+  [[maybe_unused]] RegisterA<kHeadDim / 16> q_regs;  // the warp's Q strip as A operands (tensor cores)
+  if constexpr (Cfg::kTensorCores) {
+#pragma unroll
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) load_a(q_regs.frag[ks], row_major(q_tile, warp_row0, 0), ks);
+  }
+
+  for (int it = 0; it < n_tiles; ++it) {
+    const int tile = n_tiles - 1 - it, stage = it % 2, key0 = tile * kBlockN;
+    if (it + 1 < n_tiles) load_kv(tile - 1, stage ^ 1);  // its stage was released by the last __syncthreads
+    cp_async_commit();
+    cp_async_wait<1>();  // everything but the prefetch just issued has landed
+    __syncthreads();
+
+    // S = Q Kᵀ: B(k = d, n = key) = K(key, d).
+    float s[kSTiles][4];
+    zero(s);
+    if constexpr (Cfg::kTensorCores) {
+      warp_gemm_tensor_cores<Element, kHeadDim>(s, q_regs, transposed(k_tile(stage), 0, 0));
+    } else {
+      warp_gemm_simt<kHeadDim>(s, row_major(q_tile, warp_row0, 0), transposed(k_tile(stage), 0, 0));
+    }
+
+    // Scale first (the scale may be negative), then mask: a hidden score is -inf.
+    const bool needs_mask = visible.tile_needs_mask(row0, key0, kBlockN);
+#pragma unroll
+    for (int n = 0; n < kSTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] *= p.scale_log2;
+        if (needs_mask && !visible(rows[e / 2], key0 + 8 * n + 2 * t + e % 2)) s[n][e] = -INFINITY;
+      }
+    }
+
+    // Online softmax; e / 2 selects the held row.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < kSTiles; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * half], s[n][2 * half + 1]));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullWarp, tile_max, 1));
+      tile_max = fmaxf(tile_max, __shfl_xor_sync(kFullWarp, tile_max, 2));
+      const float new_max = fmaxf(row_max[half], tile_max);
+      // A row with nothing visible yet has new_max = -inf; exp2(-inf - (-inf)) would be
+      // NaN, exp2(s - 0) of its all -inf scores is the correct 0.
+      const float base = new_max == -INFINITY ? 0.0f : new_max;
+      const float rescale = exp2f(row_max[half] - base);
+      row_max[half] = new_max;
+      row_sum[half] *= rescale;
+#pragma unroll
+      for (int n = 0; n < kOTiles; ++n) {
+        acc[n][2 * half] *= rescale;
+        acc[n][2 * half + 1] *= rescale;
+      }
+#pragma unroll
+      for (int n = 0; n < kSTiles; ++n) {
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          s[n][e] = exp2f(s[n][e] - base);
+          row_sum[half] += s[n][e];
+        }
+      }
+    }
+
+    // Dropout acts on the normalised weights, so it changes what enters O, not row_sum.
+    if (p.dropout_p > 0.0f) {
+#pragma unroll
+      for (int n = 0; n < kSTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (!dropout_keeps(p, batch_head, rows[e / 2], key0 + 8 * n + 2 * t + e % 2)) s[n][e] = 0.0f;
+        }
+      }
+    }
+
+    // O += P V: B(k = key, n = d) = V(key, d).
+    if constexpr (Cfg::kTensorCores) {
+      warp_gemm_tensor_cores<Element, kBlockN>(acc, accumulators_as_a<Element>(s), row_major(v_tile(stage), 0, 0));
+    } else {
+      store_accumulators(p_tile, warp_row0, 0, s);  // the warp's own rows of P
+      __syncwarp();
+      warp_gemm_simt<kBlockN>(acc, row_major(p_tile, warp_row0, 0), row_major(v_tile(stage), 0, 0));
+    }
+    __syncthreads();  // all warps are done with this stage (and P) before it is refilled
+  }
+
+  // Epilogue: normalise, write lse and O (through the Q tile, for 16-byte stores).
+  float out_scale[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float sum = row_sum[half];
+    sum += __shfl_xor_sync(kFullWarp, sum, 1);
+    sum += __shfl_xor_sync(kFullWarp, sum, 2);
+    // sum >= 1 whenever a key is visible (the maximum contributes exp2(0)); 0 means none.
+    out_scale[half] = sum > 0.0f ? p.dropout_scale / sum : 0.0f;
+    const float lse = row_max[half] == -INFINITY ? -INFINITY : (row_max[half] + log2f(sum)) * kLn2;
+    if (t == 0 && rows[half] < p.q_len) p.lse[int64_t(batch_head) * p.q_len + rows[half]] = lse;
+  }
+#pragma unroll
+  for (int n = 0; n < kOTiles; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] *= out_scale[e / 2];
+  }
+  __syncthreads();  // Q tile no longer read by any warp
+  store_accumulators(q_tile, warp_row0, 0, acc);
+  __syncthreads();
+  Element* out = static_cast<Element*>(p.out) + (int64_t(batch_head) * p.q_len + row0) * kHeadDim;
+  store_tile<kBlockM, kThreads>(q_tile, out, p.q_len - row0);
+}
+
+template <typename Element, int kHeadDim>
+void launch_attention_fwd(const AttentionParams& params, cudaStream_t stream) {
+  using Cfg = FwdConfig<Element, kHeadDim>;
+  auto kernel = attention_fwd_kernel<Element, kHeadDim>;
+  allow_shared_memory(kernel, Cfg::kSmemBytes);
+  const dim3 grid(params.batch * params.heads, (params.q_len + Cfg::kBlockM - 1) / Cfg::kBlockM);
+  launch_kernel(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, params);
+}
+
+}  // namespace fastgpt::cuda

@@ -1,0 +1,177 @@
+// The CUDA kernels of csrc/cuda run on the CPU (cuda_shim.h, ptx_emulation.h), through
+// their real launchers, on CPU tensors: tests/test_cuda.py builds this file with
+// torch.utils.cpp_extension.load and compares the results with fastgpt/reference.py, so
+// the kernels' index math, masking, pipelines and fragment bookkeeping are tested on
+// machines without a GPU. Timing, real concurrency and the hardware itself are not: those
+// need tools/gpu_check.sh on a GPU.
+//
+// Every entry point takes `reverse_order` (fiber scheduling order) and `copy_at_wait`
+// (cp.async data lands at the wait instead of at issue) to shake out ordering bugs.
+#include <torch/extension.h>
+
+#include "cuda/emulator/cuda_shim.h"
+// The kernels, compiled for the host against the shim:
+#include "cuda/attention_bwd.cuh"
+#include "cuda/attention_fwd.cuh"
+#include "cuda/layer_norm_kernels.cuh"
+
+namespace fastgpt::cuda {
+namespace {
+
+using Launcher = void (*)(const AttentionParams&, cudaStream_t);
+
+template <typename Element>
+Launcher pick_head_dim(bool forward, int64_t head_dim) {
+  switch (head_dim) {
+    case 16: return forward ? launch_attention_fwd<Element, 16> : launch_attention_bwd<Element, 16>;
+    case 32: return forward ? launch_attention_fwd<Element, 32> : launch_attention_bwd<Element, 32>;
+    case 64: return forward ? launch_attention_fwd<Element, 64> : launch_attention_bwd<Element, 64>;
+    case 128: return forward ? launch_attention_fwd<Element, 128> : launch_attention_bwd<Element, 128>;
+    default: TORCH_CHECK(false, "emulator: unsupported head dim ", head_dim);
+  }
+}
+
+Launcher pick_launcher(bool forward, at::ScalarType dtype, int64_t head_dim) {
+  switch (dtype) {
+    case at::kHalf: return pick_head_dim<__half>(forward, head_dim);
+    case at::kBFloat16: return pick_head_dim<__nv_bfloat16>(forward, head_dim);
+    case at::kFloat: return pick_head_dim<float>(forward, head_dim);
+    default: TORCH_CHECK(false, "emulator: unsupported dtype ", dtype);
+  }
+}
+
+void configure(bool reverse_order, bool copy_at_wait, std::initializer_list<const at::Tensor*> inputs) {
+  auto& rt = fastgpt_emu::runtime();
+  rt.reverse_order = reverse_order;
+  rt.copy_at_wait = copy_at_wait;
+  rt.global_ranges.clear();
+  for (const at::Tensor* t : inputs) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t->dim(); ++d) last += (t->size(d) - 1) * t->stride(d);
+    rt.global_ranges.push_back({t->data_ptr(), size_t(last + 1) * t->element_size()});
+  }
+}
+
+// As attention.cu: last dim contiguous (CPU allocations are aligned enough).
+at::Tensor kernel_layout(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
+
+AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, bool causal, double scale, double dropout_p,
+                            int64_t seed) {
+  AttentionParams p{};
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
+  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
+  p.key_padding_mask = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+  p.batch = int(q.size(0)), p.heads = int(q.size(1)), p.q_len = int(q.size(2)), p.k_len = int(k.size(2));
+  p.causal = causal;
+  p.scale = float(scale);
+  p.scale_log2 = float(scale * 1.4426950408889634);
+  p.dropout_p = float(dropout_p);
+  p.dropout_scale = float(1.0 / (1.0 - dropout_p));
+  p.seed = static_cast<uint32_t>(seed);
+  return p;
+}
+
+std::vector<at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                      const std::optional<at::Tensor>& mask_in, bool causal, double scale,
+                                      double dropout_p, int64_t seed, bool reverse_order, bool copy_at_wait) {
+  const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
+  std::optional<at::Tensor> mask;
+  if (mask_in.has_value()) mask = mask_in->contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  configure(reverse_order, copy_at_wait, {&q, &k, &v});
+  AttentionParams p = make_params(q, k, v, mask, causal, scale, dropout_p, seed);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  pick_launcher(true, q.scalar_type(), q.size(3))(p, nullptr);
+  return {out, lse};
+}
+
+std::vector<at::Tensor> attention_bwd(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                                      const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+                                      const std::optional<at::Tensor>& mask_in, bool causal, double scale,
+                                      double dropout_p, int64_t seed, bool reverse_order, bool copy_at_wait) {
+  const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
+  const at::Tensor grad_out = kernel_layout(grad_out_in), out = out_in.contiguous(), lse = lse_in.contiguous();
+  std::optional<at::Tensor> mask;
+  if (mask_in.has_value()) mask = mask_in->contiguous();
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
+  at::Tensor delta = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));
+  at::Tensor grad_q_accum = at::zeros({B, H, Tq, D}, q.options().dtype(at::kFloat));
+  at::Tensor grad_q = at::empty(q.sizes(), q.options()), grad_k = at::empty(k.sizes(), k.options()),
+             grad_v = at::empty(v.sizes(), v.options());
+  configure(reverse_order, copy_at_wait, {&q, &k, &v, &grad_out});
+  AttentionParams p = make_params(q, k, v, mask, causal, scale, dropout_p, seed);
+  p.grad_out = grad_out.data_ptr();
+  p.grad_out_batch_stride = grad_out.stride(0), p.grad_out_head_stride = grad_out.stride(1),
+  p.grad_out_row_stride = grad_out.stride(2);
+  p.saved_out = out.data_ptr();
+  p.saved_lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.grad_q_accum = grad_q_accum.data_ptr<float>();
+  p.grad_q = grad_q.data_ptr(), p.grad_k = grad_k.data_ptr(), p.grad_v = grad_v.data_ptr();
+  pick_launcher(false, q.scalar_type(), q.size(3))(p, nullptr);
+  return {grad_q, grad_k, grad_v};
+}
+
+template <typename Fn>
+void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kHalf: return fn(__half{});
+    case at::kBFloat16: return fn(__nv_bfloat16{});
+    case at::kFloat: return fn(float{});
+    default: TORCH_CHECK(false, "emulator: unsupported dtype ", dtype);
+  }
+}
+
+std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                       double eps, bool reverse_order, bool copy_at_wait) {
+  at::Tensor y = at::empty_like(x), mean = at::empty({x.size(0)}, x.options().dtype(at::kFloat)),
+             rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  configure(reverse_order, copy_at_wait, {&x, &weight, &bias});
+  LayerNormParams p{};
+  p.x = x.data_ptr(), p.weight = weight.data_ptr(), p.bias = bias.data_ptr(), p.y = y.data_ptr();
+  p.mean = mean.data_ptr<float>(), p.rstd = rstd.data_ptr<float>();
+  p.rows = x.size(0), p.cols = int(x.size(1)), p.eps = float(eps);
+  dispatch_dtype(x.scalar_type(), [&](auto element) { launch_layer_norm_fwd<decltype(element)>(p, nullptr); });
+  return {y, mean, rstd};
+}
+
+// `blocks`: the backward's grid (layer_norm.cu uses two per SM), small here so that
+// every block walks several rows.
+std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                       const at::Tensor& mean, const at::Tensor& rstd, int64_t blocks,
+                                       bool reverse_order, bool copy_at_wait) {
+  at::Tensor grad_x = at::empty_like(x), grad_weight = at::empty_like(weight), grad_bias = at::empty_like(weight);
+  configure(reverse_order, copy_at_wait, {&x, &grad_y, &weight});
+  LayerNormParams p{};
+  p.x = x.data_ptr(), p.weight = weight.data_ptr(), p.grad_y = grad_y.data_ptr(), p.grad_x = grad_x.data_ptr();
+  p.mean = mean.data_ptr<float>(), p.rstd = rstd.data_ptr<float>();
+  p.grad_weight = grad_weight.data_ptr(), p.grad_bias = grad_bias.data_ptr();
+  p.rows = x.size(0), p.cols = int(x.size(1));
+  dispatch_dtype(x.scalar_type(), [&](auto element) {
+    using Element = decltype(element);
+    const int64_t rows_per_block = row_shape<Element>(p) == RowShape::kWarp ? kLayerNormThreads / 32 : 1;
+    p.partial_rows = int(std::min<int64_t>(blocks, (p.rows + rows_per_block - 1) / rows_per_block));
+    // Garbage, not zeros, where the kernel must overwrite everything: it shows if it does not.
+    at::Tensor partial = row_shape<Element>(p) == RowShape::kGeneric
+                             ? at::zeros({p.partial_rows, 2, p.cols}, x.options().dtype(at::kFloat))
+                             : at::full({p.partial_rows, 2, p.cols}, NAN, x.options().dtype(at::kFloat));
+    p.partial = partial.data_ptr<float>();
+    launch_layer_norm_bwd<Element>(p, nullptr);
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
+}  // namespace
+}  // namespace fastgpt::cuda
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("attention_fwd", &fastgpt::cuda::attention_fwd);
+  m.def("attention_bwd", &fastgpt::cuda::attention_bwd);
+  m.def("layer_norm_fwd", &fastgpt::cuda::layer_norm_fwd);
+  m.def("layer_norm_bwd", &fastgpt::cuda::layer_norm_bwd);
+}

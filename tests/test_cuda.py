@@ -1,0 +1,336 @@
+"""CUDA-specific tests of the `cuda` backend (csrc/cuda); the shared correctness tests of
+test_attention.py and test_layer_norm.py already run it through the `kernel` fixture on a GPU.
+
+Without a GPU:
+- the build registers the CUDA kernels whenever it could compile them;
+- the kernels themselves run on the CPU under csrc/cuda/emulator (every CUDA thread a fiber,
+  ldmatrix / mma.sync / cp.async emulated per the PTX ISA) against the float64 oracle, in both
+  fiber schedule orders and both cp.async completion modes.
+On a GPU (marker `cuda`): op-level errors for unsupported head dims and dtypes, CUDA-graph
+capture and replay, launches on the current stream, long sequences against the float64 oracle,
+and the dropout mask bit-identical to the reference's and the cpu backend's.
+"""
+import glob
+import os
+import shutil
+
+import pytest
+import torch
+
+import fastgpt
+from fastgpt import reference
+from checks import assert_close, attention_oracle, make_qkv, padding_mask
+
+OPS = ("attention_fwd", "attention_bwd", "layer_norm_fwd", "layer_norm_bwd")
+HAS_GPU = torch.cuda.is_available()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def needs_gpu(test):
+    return pytest.mark.cuda(pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")(test))
+
+
+def has_cuda_kernel(op):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastgpt::{op}", "CUDA")
+
+
+def test_cuda_kernels_are_registered_when_the_build_could_compile_them():
+    """setup.py compiles csrc/cuda whenever nvcc and a CUDA torch are present (no GPU needed)."""
+    if torch.version.cuda is None or shutil.which("nvcc") is None:
+        pytest.skip("no CUDA toolkit or a CPU build of torch: the extension is built without CUDA")
+    if os.environ.get("FASTGPT_CUDA") == "0":
+        pytest.skip("FASTGPT_CUDA=0: the CUDA part was switched off")
+    missing = [op for op in OPS if not has_cuda_kernel(op)]
+    assert not missing, f"fastgpt._C has no CUDA kernel for {missing}: rebuild (make build)"
+    reason = fastgpt.info()["cuda"]["reason"]
+    if not HAS_GPU:
+        assert "no CUDA device" in reason, reason
+
+
+# ---- the kernels on the CPU, emulated -------------------------------------------------------
+
+def cuda_include_dir():
+    """The CUDA toolkit's include directory (cuda_fp16.h etc.), or None."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if shutil.which("nvcc"):
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc")))))
+    candidates += sorted(glob.glob("/usr/local/cuda-*"))
+    for root in filter(None, candidates):
+        if os.path.exists(os.path.join(root, "include", "cuda_fp16.h")):
+            return os.path.join(root, "include")
+    return None
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    """csrc/cuda/emulator/emulator.cpp built with torch's JIT loader (cached under build/)."""
+    include = cuda_include_dir()
+    if include is None:
+        pytest.skip("no CUDA toolkit headers (cuda_fp16.h): the emulated kernels cannot be compiled")
+    from torch.utils.cpp_extension import load
+    build_dir = os.path.join(ROOT, "build", "cuda_emulator")
+    os.makedirs(build_dir, exist_ok=True)
+    return load(name="fastgpt_cuda_emulator", sources=[os.path.join(ROOT, "csrc", "cuda", "emulator", "emulator.cpp")],
+                extra_include_paths=[os.path.join(ROOT, "csrc"), include], build_directory=build_dir,
+                extra_cflags=["-O2", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__"])
+
+
+# (B, H, Tq, Tk, D, causal, masked, dropout_p): every head dim, partial tiles, Tq < Tk and
+# Tq > Tk (rows without keys), a padding mask with a fully masked batch, dropout.
+EMULATED_ATTENTION = [
+    (2, 2, 70, 130, 64, True, True, 0.0),
+    (1, 1, 130, 61, 16, True, False, 0.0),
+    (2, 1, 45, 45, 32, False, True, 0.2),
+    (1, 1, 33, 200, 128, False, False, 0.0),
+    (1, 2, 150, 150, 128, True, False, 0.1),
+    (2, 1, 1, 77, 32, True, True, 0.0),
+]
+SCHEDULES = [(False, False), (True, True)]  # (reverse fiber order, cp.async lands at the wait)
+
+
+@pytest.mark.parametrize("reverse_order,copy_at_wait", SCHEDULES, ids=["forward-order", "reverse-order-late-copies"])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("case", EMULATED_ATTENTION, ids=lambda c: "B{}H{}Tq{}Tk{}D{}-causal{}-mask{}-p{}".format(*c))
+def test_emulated_attention_matches_oracle(emulator, case, dtype, reverse_order, copy_at_wait):
+    B, H, Tq, Tk, D, causal, masked, dropout_p = case
+    q, k, v = make_qkv(B, H, Tq, Tk, D, dtype, transposed=True)  # non-contiguous (B, T, H, D) views
+    mask = padding_mask(B, Tk) if masked else None
+    scale, seed = D ** -0.5, 1234
+    out, lse = emulator.attention_fwd(q, k, v, mask, causal, scale, dropout_p, seed, reverse_order, copy_at_wait)
+    assert_close(out, *attention_oracle(q, k, v, causal, mask, dropout_p, scale, seed), what="out")
+    want_lse = reference.attention_lse(q.double(), k.double(), causal, mask, scale)
+    no_key = want_lse == float("-inf")
+    assert torch.equal(lse == float("-inf"), no_key), "lse: -inf exactly for the rows without a visible key"
+    assert_close(lse[~no_key], want_lse[~no_key], what="lse")
+
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    grads = emulator.attention_bwd(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed,
+                                   reverse_order, copy_at_wait)
+    want = reference_grads(q, k, v, grad_out, causal, torch.float64, mask, dropout_p, scale, seed)
+    same = reference_grads(q, k, v, grad_out, causal, dtype, mask, dropout_p, scale, seed)
+    for name, g, w, s in zip(("dq", "dk", "dv"), grads, want, same):
+        assert g.dtype == dtype and g.shape == w.shape
+        assert_close(g, w, s, what=name)
+
+
+def test_emulated_dropout_mask_is_bit_identical_to_reference(emulator):
+    """v = identity (Tk = D): output row i is P̃[i, :], its zeros are the dropped weights."""
+    B, H, T, D, p, seed = 2, 2, 64, 64, 0.3, 2**31 - 1
+    q, k, _ = make_qkv(B, H, T, T, D, torch.float32)
+    v = torch.eye(T).expand(B, H, T, D).contiguous()
+    out, _ = emulator.attention_fwd(q, k, v, None, False, D ** -0.5, p, seed, False, False)
+    assert torch.equal(out != 0, reference.dropout_keep_mask(seed, B, H, T, T, p))
+
+
+# (N, C, offset): warp rows, block rows, the generic path (C % 8 != 0), tiny C, a large mean.
+EMULATED_LAYER_NORM = [(37, 768, 0.0), (9, 1600, 0.0), (5, 4099, 0.0), (3, 8, 0.0), (40, 1024, 1e3), (6, 1280, 1e3)]
+
+
+@pytest.mark.parametrize("reverse_order,copy_at_wait", SCHEDULES, ids=["forward-order", "reverse-order-late-copies"])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("case", EMULATED_LAYER_NORM, ids=lambda c: "N{}C{}-offset{}".format(*c))
+def test_emulated_layer_norm_matches_oracle(emulator, case, dtype, reverse_order, copy_at_wait):
+    N, C, offset = case
+    if offset and dtype != torch.float32:
+        pytest.skip("the large-mean case is about float32 cancellation")
+    gen = torch.Generator().manual_seed(N + C)
+    x = (torch.randn(N, C, generator=gen, dtype=torch.float64) + offset).to(dtype)
+    weight, bias = (1 + 0.5 * torch.randn(C, generator=gen, dtype=torch.float64)).to(dtype), \
+        (0.5 * torch.randn(C, generator=gen, dtype=torch.float64)).to(dtype)
+    grad_y = torch.randn(N, C, generator=gen, dtype=torch.float64).to(dtype)
+    y, mean, rstd = emulator.layer_norm_fwd(x, weight, bias, 1e-5, reverse_order, copy_at_wait)
+    got = (y, *emulator.layer_norm_bwd(grad_y, x, weight, mean, rstd, 3, reverse_order, copy_at_wait))
+    results = {}
+    for precision in (torch.float64, dtype):
+        leaves = [t.to(precision).requires_grad_() for t in (x, weight, bias)]
+        out = reference.layer_norm(*leaves, 1e-5)
+        results[precision] = (out.detach(), *torch.autograd.grad(out, leaves, grad_y.to(precision)))
+    same = results[dtype] if dtype != torch.float32 else results[torch.float64]
+    for name, g, w, s in zip(("y", "dx", "dweight", "dbias"), got, results[torch.float64], same):
+        assert g.dtype == dtype
+        assert_close(g, w, s, what=name)
+    x64 = x.double()
+    assert_close(rstd, (x64.var(-1, unbiased=False) + 1e-5).rsqrt(), what="rstd")
+
+
+# ---- op-level errors ------------------------------------------------------------------------
+
+@needs_gpu
+@pytest.mark.parametrize("head_dim", (8, 48, 96, 256))
+def test_unsupported_head_dim_is_refused_naming_the_supported_ones(head_dim):
+    q, k, v = make_qkv(1, 1, 4, 4, head_dim, torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="head dims 16, 32, 64 and 128"):
+        torch.ops.fastgpt.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0)
+
+
+@needs_gpu
+def test_unsupported_dtype_is_refused_naming_the_supported_ones():
+    q, k, v = make_qkv(1, 1, 4, 4, 64, torch.float64, "cuda")
+    with pytest.raises(RuntimeError, match="float16, bfloat16"):
+        torch.ops.fastgpt.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0)
+    x = torch.randn(3, 8, dtype=torch.float64, device="cuda")
+    with pytest.raises(RuntimeError, match="float16, bfloat16 and float32"):
+        torch.ops.fastgpt.layer_norm_fwd(x, torch.ones(8, dtype=x.dtype, device="cuda"),
+                                         torch.zeros(8, dtype=x.dtype, device="cuda"), 1e-5)
+
+
+@needs_gpu
+def test_mismatched_layer_norm_weight_is_refused():
+    x = torch.randn(3, 8, dtype=torch.float16, device="cuda")
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.fastgpt.layer_norm_fwd(x, torch.ones(7, dtype=x.dtype, device="cuda"),
+                                         torch.zeros(7, dtype=x.dtype, device="cuda"), 1e-5)
+
+
+# ---- streams and CUDA graphs ------------------------------------------------------------------
+
+def attention_step(q, k, v, grad_out, mask):
+    """Forward and backward ops of one attention call: (out, lse, dq, dk, dv)."""
+    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, True, 0.125, 0.1, 1234)
+    grads = torch.ops.fastgpt.attention_bwd(grad_out, q, k, v, out, lse, mask, True, 0.125, 0.1, 1234)
+    return (out, lse, *grads)
+
+
+def layer_norm_step(x, weight, bias, grad_y):
+    y, mean, rstd = torch.ops.fastgpt.layer_norm_fwd(x, weight, bias, 1e-5)
+    return (y, mean, rstd, *torch.ops.fastgpt.layer_norm_bwd(grad_y, x, weight, mean, rstd))
+
+
+def graph_inputs(dtype):
+    q, k, v = make_qkv(2, 3, 100, 130, 64, dtype, "cuda")
+    grad_out = torch.randn_like(q)
+    x = torch.randn(70, 768, dtype=dtype, device="cuda")
+    weight, bias = torch.randn(768, dtype=dtype, device="cuda"), torch.randn(768, dtype=dtype, device="cuda")
+    return (q, k, v, grad_out, padding_mask(2, 130, "cuda")), (x, weight, bias, torch.randn_like(x))
+
+
+def assert_replay_equals_eager(replayed, eager, names):
+    for name, got, want in zip(names, replayed, eager):
+        if name == "dq":  # float32 atomics across key blocks: the summation order may differ
+            tol = 4 * torch.finfo(got.dtype).eps * want.abs().max().item()
+            assert (got.float() - want.float()).abs().max().item() <= tol, name
+        else:
+            assert torch.equal(got, want), f"{name}: graph replay differs from the eager run"
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
+def test_cuda_graph_capture_and_replay_equal_eager(dtype):
+    """No host sync, no allocation outside the caching allocator, everything on the capturing
+    stream: otherwise capture fails. Replays on new input values must match eager runs."""
+    attention_args, layer_norm_args = graph_inputs(dtype)
+
+    def step():
+        return attention_step(*attention_args), layer_norm_step(*layer_norm_args)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph requires
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_outputs = step()
+
+    for static in attention_args + layer_norm_args:  # new values (the padding mask stays)
+        if static.is_floating_point():
+            static.copy_(torch.randn_like(static))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    assert_replay_equals_eager(static_outputs[0], eager[0], ("out", "lse", "dq", "dk", "dv"))
+    assert_replay_equals_eager(static_outputs[1], eager[1], ("y", "mean", "rstd", "dx", "dweight", "dbias"))
+
+
+@needs_gpu
+def test_kernels_run_on_the_current_stream():
+    """The inputs are written on a side stream behind a long sleep; ops called under
+    torch.cuda.stream(side) must wait for them, which they do only if they launch on `side`."""
+    q, k, v = make_qkv(1, 2, 256, 256, 64, torch.float16, "cuda")
+    x = torch.randn(512, 1024, dtype=torch.float16, device="cuda")
+    weight, bias = torch.ones(1024, dtype=x.dtype, device="cuda"), torch.zeros(1024, dtype=x.dtype, device="cuda")
+    want_out = torch.ops.fastgpt.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0)[0]
+    want_y = torch.ops.fastgpt.layer_norm_fwd(x, weight, bias, 1e-5)[0]
+    q_side, x_side = torch.zeros_like(q), torch.zeros_like(x)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the copies land
+        q_side.copy_(q)
+        x_side.copy_(x)
+        got_out = torch.ops.fastgpt.attention_fwd(q_side, k, v, None, True, 0.125, 0.0, 0)[0]
+        got_y = torch.ops.fastgpt.layer_norm_fwd(x_side, weight, bias, 1e-5)[0]
+    side.synchronize()
+    assert torch.equal(got_out, want_out)
+    assert torch.equal(got_y, want_y)
+
+
+@needs_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_inputs_on_a_non_current_device():
+    q, k, v = make_qkv(1, 2, 70, 70, 64, torch.float16, "cuda:1")
+    out = fastgpt.attention(q, k, v, backend="cuda")
+    assert out.device == q.device
+    assert_close(out, *attention_oracle(q, k, v, True))
+
+
+# ---- long sequences against the float64 oracle ----------------------------------------------
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("shape,causal", [((2, 2, 1024, 1024, 64), True), ((1, 2, 2048, 2048, 128), False),
+                                           ((1, 1, 4096, 4096, 128), True), ((1, 2, 1000, 4096, 64), True)],
+                         ids=["T1024-D64-causal", "T2048-D128-full", "T4096-D128-causal", "Tq1000-Tk4096-D64"])
+def test_long_sequences_forward_and_backward(shape, causal, dtype):
+    q, k, v = make_qkv(*shape, dtype=dtype, device="cuda", requires_grad=True)
+    out = fastgpt.attention(q, k, v, causal=causal, backend="cuda")
+    assert_close(out, *attention_oracle(q.detach(), k.detach(), v.detach(), causal))
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    want = reference_grads(q, k, v, grad_out, causal, torch.float64)
+    same = reference_grads(q, k, v, grad_out, causal, dtype)
+    for name, g, w, s in zip(("dq", "dk", "dv"), got, want, same):
+        assert_close(g, w, s, what=name)
+
+
+def reference_grads(q, k, v, grad_out, causal, dtype, mask=None, dropout_p=0.0, scale=None, seed=0):
+    """(dq, dk, dv) of the naive reference computed in `dtype` (float64: the oracle)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = reference.attention(*leaves, causal, mask, dropout_p, scale, seed)
+    return torch.autograd.grad(out, leaves, grad_out.to(dtype))
+
+
+# ---- dropout ---------------------------------------------------------------------------------
+
+@needs_gpu
+@pytest.mark.parametrize("seed", (0, 1234, 2**31 - 1))
+def test_dropout_mask_is_bit_identical_to_reference(seed):
+    """With v = identity (Tk = D) the output row i is P̃[i, :], so its zeros are exactly the
+    dropped weights (P > 0 everywhere without masking); the cpu backend drops the same ones."""
+    B, H, T, D, p = 2, 3, 64, 64, 0.3
+    q, k, _ = make_qkv(B, H, T, T, D, torch.float32, "cuda")
+    v = torch.eye(T, device="cuda").expand(B, H, T, D).contiguous()
+    out, _ = torch.ops.fastgpt.attention_fwd(q, k, v, None, False, D ** -0.5, p, seed)
+    keep = reference.dropout_keep_mask(seed, B, H, T, T, p, "cuda")
+    assert torch.equal(out != 0, keep)
+    cpu_out, _ = torch.ops.fastgpt.attention_fwd(q.cpu(), k.cpu(), v.cpu(), None, False, D ** -0.5, p, seed)
+    assert torch.equal(cpu_out != 0, keep.cpu())
+    assert_close(out, reference.attention(q.double(), k.double(), v.double(), False, None, p, D ** -0.5, seed))
+
+
+@needs_gpu
+@pytest.mark.parametrize("causal", (True, False), ids=["causal", "full"])
+def test_dropout_forward_and_backward_match_the_oracle(causal):
+    q, k, v = make_qkv(2, 2, 77, 93, 32, torch.float32, "cuda")
+    mask = padding_mask(2, 93, "cuda", fully_masked_row=False)
+    grad_out = torch.randn_like(q)
+    args = (mask, causal, 0.2, 0.35, 99)
+    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, *args)
+    grads = torch.ops.fastgpt.attention_bwd(grad_out, q, k, v, out, lse, *args)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    oracle_out = reference.attention(*leaves, causal, mask, 0.35, 0.2, 99)
+    oracle_grads = torch.autograd.grad(oracle_out, leaves, grad_out.double())
+    assert_close(out, oracle_out.detach(), what="out")
+    assert_close(lse, reference.attention_lse(q.double(), k.double(), causal, mask, 0.2).float(), what="lse")
+    for name, g, w in zip(("dq", "dk", "dv"), grads, oracle_grads):
+        assert_close(g, w, what=name)
