@@ -1,0 +1,696 @@
+// Fused (flash) attention on the CPU: fastgpt::attention_fwd and fastgpt::attention_bwd
+// (schemas and shapes in csrc/ops.cpp). Nothing of size Tq x Tk is ever allocated: scores
+// live one small tile at a time (128 keys x 16 queries forward, 64 x 64 backward) in a
+// per-thread scratch buffer.
+//
+// Notation: S = q kᵀ · scale (scores), P = softmax(S) over visible keys, O = (P ∘ Z) v where
+// Z = keep / (1 - p) is the dropout factor (Philox mask, csrc/philox.h). Scores are kept in
+// base 2 (x · log2(e)) so that every exponential is an exp2: with the exponent of 2 split into
+// integer and fraction, 2^x costs one polynomial and an exponent-field add (exp2_vec below).
+//
+// Forward: one task = (batch b, head h, tile of kFwdQueries queries). The task walks the key
+// tiles of kFwdKeys keys that any of its queries can see (causal: tiles entirely right of the
+// diagonal are never touched; only tiles crossing it get a per-element mask) and keeps, per
+// query i, the online-softmax state
+//     m_i = max of the scores seen so far,   l_i = sum_j 2^(S_ij - m_i),
+//     acc_i = sum_j 2^(S_ij - m_i) Z_ij v_j            (float32; float64 for float64 inputs)
+// For a new tile: m' = max(m, tile max); acc and l are rescaled by 2^(m - m') and the tile's
+// terms added with 2^(S - m'). After the last tile acc / l is the output row and
+// lse = (m + log2 l) · ln 2 the log-sum-exp saved for the backward. A query that saw no
+// visible key keeps m = -inf and l = 0: its output row is zeros and its lse -inf.
+// Layout: the task holds its queries *in vector lanes*, in column blocks of 16 (qT is
+// (D, 16) per block, the score tile sT is (keys, 16)), so the row max, the rescaling and the
+// sum over keys are lane-wise vector operations with no horizontal reductions; k and v rows
+// are broadcast scalars. For each key tile the task runs the whole pipeline block by block
+// while the tile of k and v stays in cache, so k and v stream from memory once per 256
+// queries; under the causal mask each block stops at its own last visible key.
+//
+// Backward (FlashAttention-2): with delta_i = rowsum(dO ∘ O) from a pre-pass,
+//     P = 2^(S·log2 e - lse·log2 e)   (recomputed from the saved lse, tile by tile)
+//     dV += (P ∘ Z)ᵀ dO,   dP = dO vᵀ,   dS = P ∘ (dP ∘ Z - delta) · scale,
+//     dK += dSᵀ q,          dQ += dS k,
+// with Z regenerated from the seed (never stored). One task = (b, h, key group g): the key
+// tiles t = g, g + G, g + 2G, ... of that head (interleaved, so that under a causal mask the
+// groups get equal work). For each of its key tiles the task walks every query tile that sees
+// it, accumulates the tile's dK and dV in its own scratch and writes them once at the end:
+// every dK/dV row has exactly one writer. A dQ row gets terms from every key tile, so each key
+// group accumulates into its own buffer dq_partial[g] (B, H, Tq, D), summed after the parallel
+// loop. Thus no two threads ever write the same memory (no atomics, no locks), and S and dP
+// are computed once per (query tile, key tile), not twice as a separate dQ pass would need.
+// G is the fewest groups that spread B·H·G tasks evenly over the threads (G = 1 once B·H is a
+// multiple of the thread count: then float32/float64 accumulate straight into grad_q), so the
+// extra memory is at most G · Tq · D floats per head. The task holds its keys in vector lanes
+// here (kT, vT are (D, kBwdKeys)), the scores of one query in one row of the score tile.
+//
+// Every matrix product is the same register-blocked micro-kernel (micro_gemm): a block of
+// kMicroRows x (kMicroVecs vectors) of the result stays in registers while the reduction
+// walks one broadcast scalar per row and kMicroVecs vector loads per step.
+// Parallelism: tasks are claimed from an atomic counter by at::get_num_threads() workers,
+// heaviest first (causal tiles differ in work), each worker with its own scratch.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#include "philox.h"
+
+namespace fastgpt {
+namespace {
+
+using at::vec::Vectorized;
+
+// Tiles: a forward task holds kFwdQueries queries (in lanes) and walks kFwdKeys keys at a
+// time; a backward task holds kBwdKeys keys (in lanes) and walks kBwdQueries queries at a
+// time. Measured on a 2-core Zen 4: 256 queries per forward task beat 64 (k, v read 4x less
+// often); key tiles of 64..256 forward, and 64 rather than 128 backward, were within noise.
+// At D = 64 a task's scratch is about 100 KB: it stays in L2.
+constexpr int64_t kFwdQueries = 256;
+constexpr int64_t kFwdKeys = 128;
+constexpr int64_t kBwdQueries = 64;
+constexpr int64_t kBwdKeys = 64;
+constexpr int kMicroRows = 6;     // micro-kernel block: 6 rows x 2 vectors = 12 accumulators,
+constexpr int kMicroVecs = 2;     // + 2 loaded vectors + 1 broadcast = 15 of AVX2's 16 registers
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+
+// ---- 2^x ------------------------------------------------------------------------------
+
+// 2^x for x < 127.5 (the kernels only take x <= 0, give or take rounding), flushed to exactly
+// 0 below -126 (masked scores are -inf, and their probabilities must be exactly 0; this also
+// keeps denormals out). x = n + f with n = round(x), |f| <= 1/2: 2^f is a degree-5 minimax
+// polynomial (relative error 7.5e-8, about 2 float32 ulp once rounded) and 2^n is built
+// directly in the exponent field.
+inline Vectorized<float> exp2_vec(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  const Vec n = x.round();
+  const Vec f = x - n;
+  Vec p(1.327647245e-03f);
+  p = at::vec::fmadd(p, f, Vec(9.675540961e-03f));
+  p = at::vec::fmadd(p, f, Vec(5.550713092e-02f));
+  p = at::vec::fmadd(p, f, Vec(2.402212024e-01f));
+  p = at::vec::fmadd(p, f, Vec(6.931469440e-01f));
+  p = at::vec::fmadd(p, f, Vec(1.000000119e+00f));
+  // (n + 127) · 2^23 is the bit pattern of 2^n; the product is exact in float (8-bit integer).
+  const Vec biased = at::vec::fmadd(n, Vec(8388608.f), Vec(127.f * 8388608.f));
+  const Vec two_n = at::vec::cast<float>(at::vec::convert_to_int_of_same_size(biased));
+  return Vec::blendv(p * two_n, Vec(0.f), x < Vec(-126.f));  // NaN stays NaN
+}
+
+// float64 inputs are computed in float64 throughout (gradcheck): Sleef's exp2, 1 ulp.
+inline Vectorized<double> exp2_vec(const Vectorized<double>& x) { return x.exp2(); }
+
+// ---- the micro-kernel -------------------------------------------------------------------
+
+// C (R rows, V vectors of columns) [+]= sum over t < depth of a(r, t) · b(t, :), where
+//   a(r, t) = a[r * a_row + t * a_step]  is broadcast (any layout),
+//   b(t, :) = b[t * b_step + ...]         is V contiguous vectors,
+//   C row r = c[r * c_row + ...].
+template <typename T, int R, int V, bool kAccumulate>
+inline void micro_gemm(int64_t depth, const T* a, int64_t a_row, int64_t a_step, const T* b,
+                       int64_t b_step, T* c, int64_t c_row) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t L = Vec::size();
+  Vec acc[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v)
+      acc[r][v] = kAccumulate ? Vec::loadu(c + r * c_row + v * L) : Vec(T(0));
+  for (int64_t t = 0; t < depth; ++t) {
+    Vec bt[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) bt[v] = Vec::loadu(b + t * b_step + v * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const Vec ar(a[r * a_row + t * a_step]);
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r][v] = at::vec::fmadd(ar, bt[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v].store(c + r * c_row + v * L);
+}
+
+// The last rows % kMicroRows rows of a product: micro_gemm with R = rows (1 .. kMicroRows-1).
+template <typename T, bool kAccumulate, int R = kMicroRows - 1>
+inline void micro_gemm_rows(int64_t rows, int64_t depth, const T* a, int64_t a_row,
+                            int64_t a_step, const T* b, int64_t b_step, T* c, int64_t c_row) {
+  if constexpr (R >= 1) {
+    if (rows == R)
+      micro_gemm<T, R, kMicroVecs, kAccumulate>(depth, a, a_row, a_step, b, b_step, c, c_row);
+    else
+      micro_gemm_rows<T, kAccumulate, R - 1>(rows, depth, a, a_row, a_step, b, b_step, c, c_row);
+  }
+}
+
+template <typename T>
+constexpr int64_t kGemmCols = kMicroVecs * Vectorized<T>::size();
+static_assert(kFwdQueries % kGemmCols<float> == 0 && kBwdKeys % kGemmCols<float> == 0 &&
+                  kFwdQueries % kGemmCols<double> == 0 && kBwdKeys % kGemmCols<double> == 0,
+              "the tiles' lane dimensions must be whole micro-kernel column blocks");
+
+// C (rows, cols) [+]= A (rows, depth) · B (depth, cols) with A, B, C addressed as in
+// micro_gemm; cols must be a multiple of kGemmCols<T> (buffers are padded to it).
+template <typename T, bool kAccumulate>
+void gemm(int64_t rows, int64_t cols, int64_t depth, const T* a, int64_t a_row, int64_t a_step,
+          const T* b, int64_t b_step, T* c, int64_t c_row) {
+  for (int64_t c0 = 0; c0 < cols; c0 += kGemmCols<T>) {
+    int64_t r0 = 0;
+    for (; r0 + kMicroRows <= rows; r0 += kMicroRows)
+      micro_gemm<T, kMicroRows, kMicroVecs, kAccumulate>(
+          depth, a + r0 * a_row, a_row, a_step, b + c0, b_step, c + r0 * c_row + c0, c_row);
+    if (r0 < rows)
+      micro_gemm_rows<T, kAccumulate>(rows - r0, depth, a + r0 * a_row, a_row, a_step, b + c0,
+                                      b_step, c + r0 * c_row + c0, c_row);
+  }
+}
+
+// ---- small helpers ----------------------------------------------------------------------
+
+constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// `rows` rows of `cols` values of a row-major scalar_t matrix as an acc_t matrix with row
+// stride `ld`: the input itself when it already is one, else converted into `buffer`
+// (columns cols .. ld are left as they are: zero from allocation).
+template <typename acc_t, typename scalar_t>
+const acc_t* rows_as(const scalar_t* src, int64_t rows, int64_t cols, int64_t ld, acc_t* buffer) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    if (ld == cols) return src;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) buffer[r * ld + c] = static_cast<acc_t>(src[r * cols + c]);
+  return buffer;
+}
+
+// Runs work(task, scratch) for every task in [0, n_tasks) on at::get_num_threads() workers,
+// each with its own Scratch. Tasks are claimed in index order, so list the heaviest first.
+template <typename Scratch, typename MakeScratch, typename Work>
+void run_tasks(int64_t n_tasks, const MakeScratch& make_scratch, const Work& work) {
+  if (n_tasks <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Scratch scratch = make_scratch();
+    for (int64_t task = next++; task < n_tasks; task = next++) work(task, scratch);
+  });
+}
+
+// z[e] = kept if element first + e * stride of head `head` survives dropout, else 0. Kept out
+// of line so that the compiler vectorises it (Philox is lane-wise integer arithmetic).
+template <typename acc_t>
+__attribute__((noinline)) void dropout_run(uint32_t seed, uint32_t head, uint32_t first,
+                                           uint32_t stride, int64_t n, float dropout_p, acc_t kept,
+                                           acc_t* z) {
+  for (int64_t e = 0; e < n; ++e) {
+    const uint32_t element = first + static_cast<uint32_t>(e) * stride;  // wraps like the mask
+    z[e] = dropout_keep(seed, head, element, dropout_p) ? kept : acc_t(0);
+  }
+}
+
+// The attention problem both passes share. Tensors are contiguous:
+//   q (B, H, Tq, D), k, v (B, H, Tk, D), keep_key bool (B, Tk) or null.
+template <typename scalar_t>
+struct Problem {
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v;
+  const bool* keep_key;
+  int64_t B, H, Tq, Tk, D;
+  bool causal;
+  double scale;
+  double dropout_p;
+  uint32_t seed;
+
+  // Query i sees key j iff j <= i + offset() (bottom-right aligned causal mask).
+  int64_t offset() const { return Tk - Tq; }
+  // One past the last key any of the queries [q0, q0 + rows) sees.
+  int64_t key_end(int64_t q0, int64_t rows) const {
+    return causal ? std::clamp<int64_t>(q0 + rows + offset(), 0, Tk) : Tk;
+  }
+  // The first query that sees key k0.
+  int64_t query_begin(int64_t k0) const {
+    return causal ? std::clamp<int64_t>(k0 - offset(), 0, Tq) : 0;
+  }
+  // Dropout factors Z (0: dropped, or 1 / (1 - p)) of n elements of head bh's (Tq, Tk) mask,
+  // from element (i, j) on, `stride` apart (1: along a query's row, Tk: down a key's column).
+  template <typename acc_t>
+  void dropout_factors(int64_t bh, int64_t i, int64_t j, int64_t stride, int64_t n,
+                       acc_t* z) const {
+    const uint32_t first =
+        static_cast<uint32_t>(i) * static_cast<uint32_t>(Tk) + static_cast<uint32_t>(j);
+    // The mask compares float32 uniforms with float32(p), as philox.h and reference.py do.
+    dropout_run(seed, static_cast<uint32_t>(bh), first, static_cast<uint32_t>(stride), n,
+                static_cast<float>(dropout_p), static_cast<acc_t>(1.0 / (1.0 - dropout_p)), z);
+  }
+};
+
+// ---- forward ----------------------------------------------------------------------------
+
+// A forward task's queries are processed in column blocks of kGemmCols<acc_t> queries (16
+// float lanes): each block runs the whole pipeline (scores, masks, online softmax, P v) for a
+// key tile while that tile of k and v stays in cache for the next block.
+template <typename acc_t>
+struct ForwardScratch {
+  static constexpr int64_t W = kGemmCols<acc_t>;  // queries per column block
+  // qT, oT (blocks, D, W): the queries (pre-scaled) and their accumulators, in lanes;
+  // m, l (kFwdQueries): the online-softmax state; sT (kFwdKeys, W): one block's score tile.
+  std::vector<acc_t> qT, oT, m, l, sT, z, k_tile, v_tile;
+  ForwardScratch(int64_t D)
+      : qT(kFwdQueries * D), oT(kFwdQueries * D), m(kFwdQueries), l(kFwdQueries),
+        sT(kFwdKeys * W), z(W), k_tile(kFwdKeys * D), v_tile(kFwdKeys * D) {}
+};
+
+// One forward task: queries [q0, q0 + rows) of head bh. out (rows, D) and lse (rows) point at
+// the task's rows of the outputs.
+template <typename scalar_t, typename acc_t>
+void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t rows,
+                  ForwardScratch<acc_t>& s, scalar_t* out, float* lse) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t L = Vec::size(), W = ForwardScratch<acc_t>::W;
+  const int64_t D = pb.D, Tk = pb.Tk, b = bh / pb.H, blocks = (rows + W - 1) / W;
+  const scalar_t* q = pb.q + (bh * pb.Tq + q0) * D;
+  const scalar_t* k = pb.k + bh * Tk * D;
+  const scalar_t* v = pb.v + bh * Tk * D;
+  const bool* keep_key = pb.keep_key ? pb.keep_key + b * Tk : nullptr;
+
+  // Query q0 + i is lane i % W of block i / W; lanes past `rows` stay 0 (and unused).
+  const acc_t q_scale = static_cast<acc_t>(pb.scale * kLog2e);  // base-2 scores
+  std::fill(s.qT.begin(), s.qT.end(), acc_t(0));
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t d = 0; d < D; ++d)
+      s.qT[((i / W) * D + d) * W + i % W] = static_cast<acc_t>(q[i * D + d]) * q_scale;
+  std::fill(s.oT.begin(), s.oT.end(), acc_t(0));
+  std::fill(s.m.begin(), s.m.end(), -kInf<acc_t>);
+  std::fill(s.l.begin(), s.l.end(), acc_t(0));
+
+  acc_t* sT = s.sT.data();  // (keys, W): base-2 scores, then probabilities
+  const int64_t key_end = pb.key_end(q0, rows);
+  for (int64_t k0 = 0; k0 < key_end; k0 += kFwdKeys) {
+    const int64_t tile_keys = std::min(kFwdKeys, key_end - k0);
+    // k_tile, v_tile (tile_keys, D)
+    const acc_t* k_tile = rows_as<acc_t>(k + k0 * D, tile_keys, D, D, s.k_tile.data());
+    const acc_t* v_tile = rows_as<acc_t>(v + k0 * D, tile_keys, D, D, s.v_tile.data());
+
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int64_t first = q0 + block * W;  // the block's first query
+      // Keys [k0, k0 + keys) are visible to some query of the block: the causal mask hides
+      // the rest from all of them, so they are not even computed.
+      const int64_t block_end = pb.key_end(first, std::min(W, q0 + rows - first));
+      const int64_t keys = std::min(tile_keys, block_end - k0);
+      if (keys <= 0) continue;
+      acc_t* qT = s.qT.data() + block * D * W;  // (D, W)
+      acc_t* oT = s.oT.data() + block * D * W;  // (D, W)
+      acc_t* m = s.m.data() + block * W;
+      acc_t* l = s.l.data() + block * W;
+
+      // sT (keys, W) = k_tile · qT
+      gemm<acc_t, false>(keys, W, D, k_tile, D, 1, qT, W, sT, W);
+
+      // Masks, applied after scaling (a negative scale must not turn -inf into +inf).
+      if (keep_key != nullptr)
+        for (int64_t j = 0; j < keys; ++j)
+          if (!keep_key[k0 + j]) std::fill_n(sT + j * W, W, -kInf<acc_t>);
+      // Key k0 + j is hidden from query first + i iff i < k0 + j - offset - first: a prefix
+      // of lanes. Only blocks crossing the diagonal have any such lane.
+      if (pb.causal && k0 + keys - 1 > first + pb.offset())
+        for (int64_t j = 0; j < keys; ++j)
+          std::fill_n(sT + j * W, std::clamp<int64_t>(k0 + j - pb.offset() - first, 0, W),
+                      -kInf<acc_t>);
+
+      // Online softmax, L queries at a time (see the header for the invariant).
+      for (int64_t c = 0; c < W; c += L) {
+        Vec tile_max(-kInf<acc_t>);
+        for (int64_t j = 0; j < keys; ++j)
+          tile_max = at::vec::maximum(tile_max, Vec::loadu(sT + j * W + c));
+        const Vec m_old = Vec::loadu(m + c);
+        const Vec m_new = at::vec::maximum(m_old, tile_max);
+        // A query with no visible key so far keeps m = -inf; subtracting 0 instead keeps its
+        // probabilities exactly 0 rather than 2^(-inf - -inf) = NaN.
+        const Vec m_ref = Vec::blendv(m_new, Vec(acc_t(0)), m_new == Vec(-kInf<acc_t>));
+        const Vec alpha = exp2_vec(m_old - m_ref);
+        Vec row_sum(acc_t(0));
+        for (int64_t j = 0; j < keys; ++j) {
+          const Vec p = exp2_vec(Vec::loadu(sT + j * W + c) - m_ref);
+          p.store(sT + j * W + c);
+          row_sum = row_sum + p;
+        }
+        at::vec::fmadd(Vec::loadu(l + c), alpha, row_sum).store(l + c);
+        m_new.store(m + c);
+        if ((alpha - Vec(acc_t(1))).zero_mask() != (1 << L) - 1)  // some query's maximum moved
+          for (int64_t d = 0; d < D; ++d)
+            (Vec::loadu(oT + d * W + c) * alpha).store(oT + d * W + c);
+      }
+
+      // Dropout after the row sums: l normalises the undropped probabilities.
+      if (pb.dropout_p > 0.0)
+        for (int64_t j = 0; j < keys; ++j) {
+          pb.dropout_factors(bh, first, k0 + j, Tk, W, s.z.data());  // key k0 + j, W queries
+          for (int64_t c = 0; c < W; c += L)
+            (Vec::loadu(sT + j * W + c) * Vec::loadu(s.z.data() + c)).store(sT + j * W + c);
+        }
+
+      // oT (D, W) += v_tileᵀ · sT: row d of the product broadcasts v_tile[j, d].
+      gemm<acc_t, true>(D, W, keys, v_tile, 1, D, sT, W, oT, W);
+    }
+  }
+
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t l = s.l[i];
+    // l >= 1 once a query has seen a visible key (its maximum contributes 2^0).
+    const acc_t inv_l = l > 0 ? acc_t(1) / l : acc_t(0);
+    lse[i] = l > 0 ? static_cast<float>((s.m[i] + std::log2(l)) * kLn2) : -kInf<float>;
+    const acc_t* oT = s.oT.data() + (i / W) * D * W + i % W;
+    for (int64_t d = 0; d < D; ++d) out[i * D + d] = static_cast<scalar_t>(oT[d * W] * inv_l);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward(const Problem<scalar_t>& pb, scalar_t* out, float* lse) {
+  const int64_t BH = pb.B * pb.H, query_tiles = (pb.Tq + kFwdQueries - 1) / kFwdQueries;
+  // Task t: head t % BH, query tile (last first: under a causal mask later tiles see more keys).
+  run_tasks<ForwardScratch<acc_t>>(
+      BH * query_tiles, [&] { return ForwardScratch<acc_t>(pb.D); },
+      [&](int64_t task, ForwardScratch<acc_t>& scratch) {
+        const int64_t bh = task % BH, q0 = (query_tiles - 1 - task / BH) * kFwdQueries;
+        const int64_t rows = std::min(kFwdQueries, pb.Tq - q0);
+        forward_tile(pb, bh, q0, rows, scratch, out + (bh * pb.Tq + q0) * pb.D,
+                     lse + bh * pb.Tq + q0);
+      });
+}
+
+// ---- backward ---------------------------------------------------------------------------
+
+template <typename acc_t>
+struct BackwardScratch {
+  int64_t Dp;  // D padded to whole micro-kernel column blocks
+  std::vector<acc_t> kT, vT, k_rows, key_bias, dk, dv, q_rows, do_rows, lse2, p, z, pz, ds, dq;
+  BackwardScratch(int64_t D)
+      : Dp(round_up(D, kGemmCols<acc_t>)), kT(D * kBwdKeys), vT(D * kBwdKeys),
+        k_rows(kBwdKeys * Dp), key_bias(kBwdKeys), dk(kBwdKeys * Dp), dv(kBwdKeys * Dp),
+        q_rows(kBwdQueries * Dp), do_rows(kBwdQueries * Dp), lse2(kBwdQueries),
+        p(kBwdQueries * kBwdKeys), z(kBwdQueries * kBwdKeys), pz(kBwdQueries * kBwdKeys),
+        ds(kBwdQueries * kBwdKeys), dq(kBwdQueries * Dp) {}
+};
+
+// Tensors of the backward beyond the problem (contiguous):
+//   grad_out, out (B, H, Tq, D); lse (B, H, Tq) float32; delta (B, H, Tq) = rowsum(dO ∘ O);
+//   dq_partial (G, B, H, Tq, D) acc_t; grad_k, grad_v (B, H, Tk, D).
+template <typename scalar_t, typename acc_t>
+struct Gradients {
+  const scalar_t* grad_out;
+  const float* lse;
+  const acc_t* delta;
+  acc_t* dq_partial;
+  scalar_t* grad_k;
+  scalar_t* grad_v;
+};
+
+// Keys [k0, k0 + keys) of head bh: their dK, dV rows, and their dS k terms added to dq (Tq, D).
+template <typename scalar_t, typename acc_t>
+void backward_key_tile(const Problem<scalar_t>& pb, const Gradients<scalar_t, acc_t>& g,
+                       int64_t bh, int64_t k0, int64_t keys, BackwardScratch<acc_t>& s,
+                       acc_t* dq) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t L = Vec::size();
+  const int64_t D = pb.D, Dp = s.Dp, Tq = pb.Tq, Tk = pb.Tk, b = bh / pb.H;
+  const scalar_t* q = pb.q + bh * Tq * D;
+  const scalar_t* grad_out = g.grad_out + bh * Tq * D;
+  const scalar_t* k = pb.k + (bh * Tk + k0) * D;
+  const scalar_t* v = pb.v + (bh * Tk + k0) * D;
+
+  // kT, vT (D, kBwdKeys): the keys in lanes; lanes >= keys are 0 and masked by key_bias.
+  std::fill(s.kT.begin(), s.kT.end(), acc_t(0));
+  std::fill(s.vT.begin(), s.vT.end(), acc_t(0));
+  for (int64_t j = 0; j < keys; ++j)
+    for (int64_t d = 0; d < D; ++d) {
+      s.kT[d * kBwdKeys + j] = static_cast<acc_t>(k[j * D + d]);
+      s.vT[d * kBwdKeys + j] = static_cast<acc_t>(v[j * D + d]);
+    }
+  const acc_t* k_rows = rows_as<acc_t>(k, keys, D, Dp, s.k_rows.data());  // (keys, Dp)
+  // key_bias (kBwdKeys): 0 for a visible key, -inf for a padded one or a lane past the tile.
+  bool any_hidden_key = keys < kBwdKeys;
+  for (int64_t j = 0; j < kBwdKeys; ++j) {
+    const bool visible = j < keys && (pb.keep_key == nullptr || pb.keep_key[b * Tk + k0 + j]);
+    s.key_bias[j] = visible ? acc_t(0) : -kInf<acc_t>;
+    any_hidden_key |= !visible;
+  }
+  std::fill(s.dk.begin(), s.dk.end(), acc_t(0));  // (kBwdKeys, Dp)
+  std::fill(s.dv.begin(), s.dv.end(), acc_t(0));  // (kBwdKeys, Dp)
+
+  const acc_t score_scale = static_cast<acc_t>(pb.scale * kLog2e);
+  const acc_t grad_scale = static_cast<acc_t>(pb.scale);
+  const bool dropout = pb.dropout_p > 0.0;
+  for (int64_t q0 = pb.query_begin(k0); q0 < Tq; q0 += kBwdQueries) {
+    const int64_t rows = std::min(kBwdQueries, Tq - q0);
+    // q_rows, do_rows (rows, Dp)
+    const acc_t* q_rows = rows_as<acc_t>(q + q0 * D, rows, D, Dp, s.q_rows.data());
+    const acc_t* do_rows = rows_as<acc_t>(grad_out + q0 * D, rows, D, Dp, s.do_rows.data());
+    const acc_t* delta = g.delta + bh * Tq + q0;
+    for (int64_t i = 0; i < rows; ++i) {
+      // A query that sees no key (lse = -inf) has P = 0: 2^(S - +inf) = 0.
+      const float lse = g.lse[bh * Tq + q0 + i];
+      s.lse2[i] = lse == -kInf<float> ? kInf<acc_t> : static_cast<acc_t>(lse * kLog2e);
+    }
+
+    // p (rows, kBwdKeys) = q_rows · kT, then P = 2^(S · scale · log2 e - lse · log2 e).
+    acc_t* p = s.p.data();
+    gemm<acc_t, false>(rows, kBwdKeys, D, q_rows, Dp, 1, s.kT.data(), kBwdKeys, p, kBwdKeys);
+    const bool crosses_diagonal = pb.causal && q0 + pb.offset() < k0 + keys - 1;
+    for (int64_t i = 0; i < rows; ++i) {
+      acc_t* p_row = p + i * kBwdKeys;
+      const Vec bias(-s.lse2[i]);
+      for (int64_t j = 0; j < kBwdKeys; j += L) {
+        Vec x = at::vec::fmadd(Vec::loadu(p_row + j), Vec(score_scale), bias);
+        if (any_hidden_key) x = x + Vec::loadu(s.key_bias.data() + j);
+        x.store(p_row + j);
+      }
+      // Keys after q0 + i + offset are hidden from query q0 + i: a suffix of lanes.
+      if (crosses_diagonal) {
+        const int64_t visible = std::clamp<int64_t>(q0 + i + pb.offset() - k0 + 1, 0, kBwdKeys);
+        std::fill(p_row + visible, p_row + kBwdKeys, -kInf<acc_t>);
+      }
+      for (int64_t j = 0; j < kBwdKeys; j += L) exp2_vec(Vec::loadu(p_row + j)).store(p_row + j);
+    }
+
+    // With dropout, dV sees P ∘ Z and dS needs dP ∘ Z.
+    const acc_t* pz = p;
+    if (dropout) {
+      for (int64_t i = 0; i < rows; ++i) {
+        acc_t* z = s.z.data() + i * kBwdKeys;
+        pb.dropout_factors(bh, q0 + i, k0, 1, kBwdKeys, z);  // row of query q0 + i
+        for (int64_t j = 0; j < kBwdKeys; j += L)
+          (Vec::loadu(p + i * kBwdKeys + j) * Vec::loadu(z + j))
+              .store(s.pz.data() + i * kBwdKeys + j);
+      }
+      pz = s.pz.data();
+    }
+
+    // dv (keys, Dp) += pzᵀ · do_rows: row j of the product broadcasts pz[i, j].
+    gemm<acc_t, true>(keys, Dp, rows, pz, 1, kBwdKeys, do_rows, Dp, s.dv.data(), Dp);
+    // ds (rows, kBwdKeys) = do_rows · vT, then dS = P ∘ (dP ∘ Z - delta) · scale.
+    acc_t* ds = s.ds.data();
+    gemm<acc_t, false>(rows, kBwdKeys, D, do_rows, Dp, 1, s.vT.data(), kBwdKeys, ds, kBwdKeys);
+    for (int64_t i = 0; i < rows; ++i) {
+      acc_t* ds_row = ds + i * kBwdKeys;
+      const Vec d_i(delta[i]);
+      for (int64_t j = 0; j < kBwdKeys; j += L) {
+        Vec dp = Vec::loadu(ds_row + j);
+        if (dropout) dp = dp * Vec::loadu(s.z.data() + i * kBwdKeys + j);
+        (Vec::loadu(p + i * kBwdKeys + j) * (dp - d_i) * Vec(grad_scale)).store(ds_row + j);
+      }
+    }
+    // dk (keys, Dp) += dsᵀ · q_rows;  dq rows (rows, Dp) = ds · k_rows.
+    gemm<acc_t, true>(keys, Dp, rows, ds, 1, kBwdKeys, q_rows, Dp, s.dk.data(), Dp);
+    gemm<acc_t, false>(rows, Dp, keys, ds, kBwdKeys, 1, k_rows, Dp, s.dq.data(), Dp);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t d = 0; d < D; ++d) dq[(q0 + i) * D + d] += s.dq[i * Dp + d];
+  }
+
+  scalar_t* grad_k = g.grad_k + (bh * Tk + k0) * D;
+  scalar_t* grad_v = g.grad_v + (bh * Tk + k0) * D;
+  for (int64_t j = 0; j < keys; ++j)
+    for (int64_t d = 0; d < D; ++d) {
+      grad_k[j * D + d] = static_cast<scalar_t>(s.dk[j * Dp + d]);
+      grad_v[j * D + d] = static_cast<scalar_t>(s.dv[j * Dp + d]);
+    }
+}
+
+// Key groups per head: the fewest that split the B·H·G (equal-sized) tasks evenly over the
+// threads, so that dQ needs as few partial buffers as possible; 1 when B·H alone gives every
+// thread at least 8 tasks.
+int64_t key_groups(int64_t BH, int64_t key_tiles) {
+  const int64_t threads = at::get_num_threads();
+  if (BH >= 8 * threads) return 1;
+  return std::clamp<int64_t>(threads / std::gcd(BH, threads), 1, std::max<int64_t>(key_tiles, 1));
+}
+
+template <typename scalar_t, typename acc_t>
+void backward(const Problem<scalar_t>& pb, const Gradients<scalar_t, acc_t>& g, int64_t groups) {
+  const int64_t BH = pb.B * pb.H, key_tiles = (pb.Tk + kBwdKeys - 1) / kBwdKeys;
+  // Task t: head t % BH, key group t / BH (group 0 holds the earliest keys: the most work).
+  run_tasks<BackwardScratch<acc_t>>(
+      BH * groups, [&] { return BackwardScratch<acc_t>(pb.D); },
+      [&](int64_t task, BackwardScratch<acc_t>& scratch) {
+        const int64_t bh = task % BH, group = task / BH;
+        acc_t* dq = g.dq_partial + (group * BH + bh) * pb.Tq * pb.D;  // (Tq, D)
+        for (int64_t tile = group; tile < key_tiles; tile += groups) {
+          const int64_t k0 = tile * kBwdKeys;
+          backward_key_tile(pb, g, bh, k0, std::min(kBwdKeys, pb.Tk - k0), scratch, dq);
+        }
+      });
+}
+
+// ---- the operators ----------------------------------------------------------------------
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& key_padding_mask, double dropout_p) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "fastgpt attention (cpu): q, k, v must be 4-D (B, H, T, D), got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes(), "fastgpt attention (cpu): k ", k.sizes(), " and v ",
+              v.sizes(), " must have the same shape");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "fastgpt attention (cpu): q ", q.sizes(), " and k ", k.sizes(),
+              " must agree in B, H and D");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "fastgpt attention (cpu): q, k, v must share one dtype");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "fastgpt attention (cpu): tensors must be on the CPU");
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256,
+              "fastgpt attention (cpu): head dim must be in 1..256, got ", q.size(3));
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
+              "fastgpt attention (cpu): dropout_p must be in [0, 1), got ", dropout_p);
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& mask = *key_padding_mask;
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == k.size(0) &&
+                    mask.size(1) == k.size(2),
+                "fastgpt attention (cpu): key_padding_mask must be bool (B, Tk) = (", k.size(0),
+                ", ", k.size(2), "), got ", mask.scalar_type(), " ", mask.sizes());
+    TORCH_CHECK(mask.device().is_cpu(),
+                "fastgpt attention (cpu): key_padding_mask must be on the CPU");
+  }
+}
+
+template <typename scalar_t>
+Problem<scalar_t> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const std::optional<at::Tensor>& mask, bool causal, double scale,
+                               double dropout_p, int64_t seed) {
+  return Problem<scalar_t>{q.const_data_ptr<scalar_t>(),
+                           k.const_data_ptr<scalar_t>(),
+                           v.const_data_ptr<scalar_t>(),
+                           mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
+                           q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), causal, scale,
+                           dropout_p,
+                           static_cast<uint32_t>(seed)};  // the low 32 bits, as reference.py
+}
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// q (B, H, Tq, D), k, v (B, H, Tk, D), key_padding_mask bool (B, Tk) or None
+//   -> out (B, H, Tq, D) dtype of q, lse (B, H, Tq) float32
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
+    double dropout_p, int64_t seed) {
+  check_inputs(q_in, k_in, v_in, key_padding_mask, dropout_p);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  std::optional<at::Tensor> mask;
+  if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());  // (B, H, Tq, D)
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
+    const auto pb = make_problem<scalar_t>(q, k, v, mask, causal, scale, dropout_p, seed);
+    forward<scalar_t, acc_type<scalar_t>>(pb, out.mutable_data_ptr<scalar_t>(),
+                                          lse.mutable_data_ptr<float>());
+  });
+  return {out, lse};
+}
+
+// grad_out, out (B, H, Tq, D), lse (B, H, Tq) float32, the forward's inputs
+//   -> grad_q (B, H, Tq, D), grad_k, grad_v (B, H, Tk, D)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
+    const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
+    double dropout_p, int64_t seed) {
+  check_inputs(q_in, k_in, v_in, key_padding_mask, dropout_p);
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
+              "fastgpt attention_bwd (cpu): grad_out ", grad_out_in.sizes(), " and out ",
+              out_in.sizes(), " must have the shape of q ", q_in.sizes());
+  TORCH_CHECK(grad_out_in.scalar_type() == q_in.scalar_type() &&
+                  out_in.scalar_type() == q_in.scalar_type(),
+              "fastgpt attention_bwd (cpu): grad_out and out must have the dtype of q");
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 &&
+                  lse_in.sizes() == q_in.sizes().slice(0, 3),
+              "fastgpt attention_bwd (cpu): lse must be float32 (B, H, Tq), got ",
+              lse_in.scalar_type(), " ", lse_in.sizes());
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  std::optional<at::Tensor> mask;
+  if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
+  at::Tensor grad_k = at::empty(k.sizes(), k.options());  // (B, H, Tk, D): every row written once
+  at::Tensor grad_v = at::empty(v.sizes(), v.options());
+  at::Tensor grad_q;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const auto pb = make_problem<scalar_t>(q, k, v, mask, causal, scale, dropout_p, seed);
+    const auto acc_options = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+
+    // delta (B, H, Tq) = rowsum(dO ∘ O), in acc_t.
+    at::Tensor delta = at::empty({B, H, Tq}, acc_options);
+    const scalar_t* grad_out_data = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* out_data = out.const_data_ptr<scalar_t>();
+    acc_t* delta_data = delta.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B * H * Tq, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        acc_t sum = 0;
+        for (int64_t d = 0; d < D; ++d)
+          sum += static_cast<acc_t>(grad_out_data[row * D + d]) *
+                 static_cast<acc_t>(out_data[row * D + d]);
+        delta_data[row] = sum;
+      }
+    });
+
+    // dq_partial (G, B, H, Tq, D): grad_q itself when there is one group and no conversion.
+    const int64_t groups = key_groups(B * H, (pb.Tk + kBwdKeys - 1) / kBwdKeys);
+    const bool direct = groups == 1 && std::is_same_v<acc_t, scalar_t>;
+    at::Tensor dq_partial = direct ? at::zeros(q.sizes(), q.options())
+                                   : at::zeros({groups, B, H, Tq, D}, acc_options);
+    const Gradients<scalar_t, acc_t> g{grad_out_data,
+                                       lse.const_data_ptr<float>(),
+                                       delta_data,
+                                       dq_partial.mutable_data_ptr<acc_t>(),
+                                       grad_k.mutable_data_ptr<scalar_t>(),
+                                       grad_v.mutable_data_ptr<scalar_t>()};
+    backward(pb, g, groups);
+    grad_q = direct ? dq_partial : dq_partial.sum(0).to(q.scalar_type());
+  });
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgpt, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd_cpu);
+  m.impl("attention_bwd", &attention_bwd_cpu);
+}
+
+}  // namespace fastgpt

@@ -1,0 +1,380 @@
+"""The fused attention kernels (cpu, cuda, triton) against the float64 oracle (fastgpt/reference.py).
+
+Every backend runs the same tests through the public API, `fastgpt.attention(..., backend=...)`,
+via the `kernel` fixture of conftest.py; the op-level `torch.ops.fastgpt.*` calls are cpu-only.
+Shapes stay small (Triton runs these under its slow CPU interpreter): T from 1 to 333, mostly odd
+or prime so that partial tiles are always exercised, head dims 16..128 (any 1..256 on cpu).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import fastgpt
+from fastgpt import reference
+from fastgpt.ops import _draw_seed
+from checks import assert_close, attention_oracle, make_qkv, padding_mask
+from conftest import skip_unsupported_dtype
+
+# B, H, Tq, Tk, D
+SHAPES = [
+    (1, 1, 1, 1, 16),
+    (2, 3, 17, 17, 32),
+    (1, 2, 64, 64, 64),
+    (2, 2, 37, 130, 128),  # Tq < Tk: decoding with a KV cache, causal bottom-right aligned
+    (1, 2, 130, 130, 64),
+    (1, 1, 130, 61, 16),   # Tq > Tk: under the causal mask the first 69 queries see no key
+    (1, 2, 300, 333, 32),  # longer than one query tile of every backend
+]
+
+
+def attention(backend, q, k, v, **kwargs):
+    return fastgpt.attention(q, k, v, backend=backend, **kwargs)
+
+
+def oracle_grads(q, k, v, grad_out, causal, mask=None, dropout_p=0.0, scale=None, seed=0, dtype=torch.float64):
+    """(dq, dk, dv) of reference.attention in `dtype` (float64: the oracle; q's dtype: the naive baseline)."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = reference.attention(*leaves, causal, mask, dropout_p, scale, seed)
+    return torch.autograd.grad(out, leaves, grad_out.to(dtype))
+
+
+def check_grads(backend, q, k, v, causal, mask=None, dropout_p=0.0, scale=None, manual_seed=0):
+    """Gradients of the backend (public API, autograd) against the float64 oracle."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q)
+    seed = drawn_seed(manual_seed) if dropout_p > 0 else 0
+    torch.manual_seed(manual_seed)
+    out = attention(backend, q, k, v, causal=causal, key_padding_mask=mask, dropout_p=dropout_p, scale=scale)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    want = oracle_grads(q, k, v, grad_out, causal, mask, dropout_p, scale, seed)
+    same = oracle_grads(q, k, v, grad_out, causal, mask, dropout_p, scale, seed, dtype=q.dtype)
+    for name, g, w, s in zip(("dq", "dk", "dv"), got, want, same):
+        assert g.shape == w.shape and g.dtype == q.dtype
+        assert_close(g, w, s, what=name)
+
+
+def assert_lse_matches(lse, want):
+    """The kernel's float32 lse against reference.attention_lse in float64: -inf exactly where
+    a query sees no key, else within the float32 tolerance."""
+    assert lse.dtype == torch.float32 and lse.shape == want.shape
+    assert torch.equal(torch.isinf(lse), torch.isinf(want)) and (lse[torch.isinf(lse)] < 0).all()
+    finite = torch.isfinite(want)
+    if finite.any():
+        assert_close(lse[finite], want[finite], what="lse")
+
+
+def drawn_seed(manual_seed):
+    """The dropout seed fastgpt.attention draws right after torch.manual_seed(manual_seed)."""
+    torch.manual_seed(manual_seed)
+    return _draw_seed()
+
+
+# ---- forward ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}Tq{}Tk{}D{}".format(*s))
+def test_forward_matches_oracle(kernel, shape, causal):
+    backend, device = kernel
+    q, k, v = make_qkv(*shape, device=device)
+    out = attention(backend, q, k, v, causal=causal)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
+    assert_close(out, *attention_oracle(q, k, v, causal))
+
+
+def test_forward_rows_without_keys_are_zero(kernel):
+    """Tq > Tk, causal: query i sees key j iff j <= i + Tk - Tq, so the first Tq - Tk rows see nothing."""
+    backend, device = kernel
+    q, k, v = make_qkv(1, 2, 70, 20, 16, device=device)
+    out = attention(backend, q, k, v, causal=True)
+    assert torch.equal(out[:, :, :50], torch.zeros_like(out[:, :, :50]))
+    assert_close(out, *attention_oracle(q, k, v, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", [(2, 2, 61, 61, 64), (1, 3, 17, 130, 128)], ids=["T61D64", "Tq17Tk130D128"])
+def test_forward_dtypes(kernel, shape, dtype):
+    backend, device = kernel
+    skip_unsupported_dtype(backend, device, dtype)
+    q, k, v = make_qkv(*shape, dtype=dtype, device=device)
+    mask = padding_mask(shape[0], shape[3], device=device, fully_masked_row=False)
+    out = attention(backend, q, k, v, causal=True, key_padding_mask=mask)
+    assert out.dtype == dtype
+    assert_close(out, *attention_oracle(q, k, v, True, mask))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", [(2, 2, 17, 17, 16), (3, 1, 37, 130, 64)], ids=["T17", "Tq37Tk130"])
+def test_padding_mask_with_a_fully_masked_row(kernel, shape, causal):
+    """Batch 0 has no visible key at all: its rows are zeros, not NaN; the others match the oracle."""
+    backend, device = kernel
+    q, k, v = make_qkv(*shape, device=device)
+    mask = padding_mask(shape[0], shape[3], device=device)
+    out = attention(backend, q, k, v, causal=causal, key_padding_mask=mask)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert_close(out, *attention_oracle(q, k, v, causal, mask))
+
+
+@pytest.mark.parametrize("scale", [0.3, -0.7], ids=["0.3", "negative"])
+def test_custom_scale(kernel, scale):
+    """A negative scale flips the scores' order: masking must happen after scaling."""
+    backend, device = kernel
+    q, k, v = make_qkv(2, 2, 37, 64, 32, device=device)
+    mask = padding_mask(2, 64, device=device, fully_masked_row=False)
+    out = attention(backend, q, k, v, causal=True, key_padding_mask=mask, scale=scale)
+    assert_close(out, *attention_oracle(q, k, v, True, mask, scale=scale))
+
+
+def test_noncontiguous_inputs_give_the_same_result(kernel):
+    """q, k, v as (B, T, H, D) projections viewed (B, H, T, D), the layout a model produces."""
+    backend, device = kernel
+    shape = (2, 3, 37, 64, 32)
+    q, k, v = make_qkv(*shape, device=device, transposed=True)
+    assert not q.is_contiguous()
+    out = attention(backend, q, k, v, causal=True)
+    contiguous = attention(backend, q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
+    assert torch.equal(out, contiguous)
+    assert_close(out, *attention_oracle(q, k, v, True))
+
+
+# ---- backward -----------------------------------------------------------------------------
+
+GRAD_CASES = [  # B, H, Tq, Tk, D, causal, masked
+    (1, 2, 17, 17, 16, True, False),
+    (2, 2, 37, 64, 32, True, True),      # Tq < Tk, fully masked batch 0
+    (1, 1, 64, 130, 64, False, True),
+    (2, 4, 130, 130, 64, True, False),   # B·H = 8: on up to 8 threads cpu's dQ needs no partial sums
+    (1, 1, 61, 37, 128, True, False),    # Tq > Tk
+]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "B{}H{}Tq{}Tk{}D{}-{}-{}".format(
+    *c[:5], "causal" if c[5] else "full", "masked" if c[6] else "nomask"))
+def test_gradients_match_oracle(kernel, case):
+    backend, device = kernel
+    *shape, causal, masked = case
+    q, k, v = make_qkv(*shape, device=device)
+    mask = padding_mask(shape[0], shape[3], device=device) if masked else None
+    check_grads(backend, q, k, v, causal, mask)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_cpu_gradients_for_any_thread_count(threads):
+    """The cpu backward splits each head's key tiles into groups by thread count (each group
+    sums its own dQ partial): every split gives the oracle's gradients."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape in [(1, 1, 300, 333, 32), (1, 3, 200, 390, 16)]:  # 6 and 7 key tiles of 64
+            q, k, v = make_qkv(*shape)
+            check_grads("cpu", q, k, v, True, padding_mask(shape[0], shape[3], fully_masked_row=False))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_gradients_low_precision(kernel, dtype):
+    backend, device = kernel
+    skip_unsupported_dtype(backend, device, dtype)
+    q, k, v = make_qkv(2, 2, 37, 64, 64, dtype=dtype, device=device)
+    check_grads(backend, q, k, v, True, padding_mask(2, 64, device=device))
+
+
+def test_gradients_custom_scale_and_expanded_grad(kernel):
+    """out.sum().backward() hands the kernel an expanded (stride 0) grad_out."""
+    backend, device = kernel
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 17, 37, 16, device=device))
+    attention(backend, q, k, v, causal=True, scale=0.4).sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    reference.attention(*leaves, True, None, 0.0, 0.4).sum().backward()
+    for name, t, oracle in zip(("dq", "dk", "dv"), (q, k, v), leaves):
+        assert_close(t.grad, oracle.grad, what=name)
+
+
+def test_gradcheck_float64():
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 3, 5, 4, dtype=torch.float64))
+    mask = torch.tensor([[True, False, True, True, True], [False, True, True, False, True]])
+    for causal in (True, False):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: fastgpt.attention(q, k, v, causal=causal, key_padding_mask=mask, backend="cpu"),
+            (q, k, v))
+    # dropout: a fixed seed makes the function deterministic
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: torch.ops.fastgpt.attention_fwd(q, k, v, mask, True, 0.5, 0.3, 1234)[0], (q, k, v))
+
+
+# ---- dropout ------------------------------------------------------------------------------
+
+def kept_weights(backend, device, B, H, Tq, Tk, p):
+    """(B, H, Tq, Tk) indicator of the kept attention weights, read off the output: with q = 0
+    every weight is 1/Tk, and v = identity (D = Tk) puts weight j of row i in out[..., i, j]."""
+    q = torch.zeros(B, H, Tq, Tk, device=device)
+    v = torch.eye(Tk, device=device).expand(B, H, Tk, Tk).contiguous()
+    out = attention(backend, q, v, v, causal=False, dropout_p=p)
+    scaled = out * ((1 - p) * Tk)
+    assert torch.allclose(scaled, (scaled > 0.5).float(), atol=1e-5)  # every weight is 0 or 1/((1-p) Tk)
+    return scaled > 0.5
+
+
+def test_dropout_keep_rate(kernel):
+    backend, device = kernel
+    p = 0.25
+    kept = kept_weights(backend, device, 2, 2, 64, 64, p)
+    # 16384 Bernoulli(0.75) draws: standard deviation 0.0034
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.015
+
+
+def test_dropout_is_repeatable_under_manual_seed(kernel):
+    backend, device = kernel
+    q, k, v = make_qkv(1, 2, 37, 64, 32, device=device)
+    torch.manual_seed(7)
+    first = attention(backend, q, k, v, causal=True, dropout_p=0.2)
+    torch.manual_seed(7)
+    again = attention(backend, q, k, v, causal=True, dropout_p=0.2)
+    torch.manual_seed(8)
+    other = attention(backend, q, k, v, causal=True, dropout_p=0.2)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 37, 64, 32), (1, 1, 130, 130, 64)], ids=["Tq37Tk64", "T130"])
+def test_dropout_matches_reference_with_the_same_mask(kernel, shape):
+    """Same Philox mask as reference.attention(seed=...): the outputs and gradients agree."""
+    backend, device = kernel
+    q, k, v = make_qkv(*shape, device=device)
+    mask = padding_mask(shape[0], shape[3], device=device)
+    p = 0.3
+    torch.manual_seed(11)
+    out = attention(backend, q, k, v, causal=True, key_padding_mask=mask, dropout_p=p)
+    assert_close(out, *attention_oracle(q, k, v, True, mask, p, seed=drawn_seed(11)))
+    check_grads(backend, q, k, v, True, mask, dropout_p=p, manual_seed=11)
+
+
+def test_dropout_zero_is_exact(kernel):
+    backend, device = kernel
+    q, k, v = make_qkv(2, 2, 37, 64, 32, device=device)
+    without = attention(backend, q, k, v, causal=True)
+    assert torch.equal(attention(backend, q, k, v, causal=True, dropout_p=0.0), without)
+    assert_close(without, *attention_oracle(q, k, v, True))
+
+
+@pytest.mark.parametrize("seed", [0, 987654321, 2**40 + 12345], ids=["0", "987654321", "above-2^32"])
+def test_cpu_dropout_mask_is_bit_identical_to_reference(seed):
+    """The kernel's kept weights, read off as in kept_weights, equal reference.dropout_keep_mask."""
+    B, H, Tq, Tk, p = 2, 3, 37, 130, 0.4
+    q = torch.zeros(B, H, Tq, Tk)
+    v = torch.eye(Tk).expand(B, H, Tk, Tk).contiguous()
+    out, _ = torch.ops.fastgpt.attention_fwd(q, v, v, None, False, 1.0, p, seed)
+    kept = out * ((1 - p) * Tk) > 0.5
+    assert torch.equal(kept, reference.dropout_keep_mask(seed, B, H, Tq, Tk, p))
+
+
+# ---- cpu op level -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_cpu_lse_matches_reference(causal):
+    B, H, Tq, Tk, D = 2, 2, 70, 45, 24  # Tq > Tk: under the causal mask early rows have lse = -inf
+    q, k, v = make_qkv(B, H, Tq, Tk, D)
+    mask = padding_mask(B, Tk)
+    _, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, causal, 0.3, 0.0, 0)
+    assert lse.shape == (B, H, Tq)
+    assert_lse_matches(lse, reference.attention_lse(q.double(), k.double(), causal, mask, 0.3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["float32", "float64", "bfloat16"])
+def test_cpu_opcheck(dtype):
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 17, 37, 16, dtype=dtype))
+    mask = padding_mask(2, 37)
+    fwd_args = (q, k, v, mask, True, 0.25, 0.1, 42)
+    torch.library.opcheck(torch.ops.fastgpt.attention_fwd.default, fwd_args)
+    out, lse = torch.ops.fastgpt.attention_fwd(*fwd_args)
+    grad_out = torch.randn_like(out)
+    bwd_args = (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse, mask, True, 0.25, 0.1, 42)
+    torch.library.opcheck(torch.ops.fastgpt.attention_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("args, message", [
+    (lambda q, k, v: (q, k, v, torch.ones(2, 5, dtype=torch.bool), True, 1.0, 0.0, 0),
+     r"key_padding_mask must be bool \(B, Tk\)"),
+    (lambda q, k, v: (q, k, v, None, True, 1.0, 1.0, 0), r"dropout_p must be in \[0, 1\)"),
+    (lambda q, k, v: (q, k[:, :1], v[:, :1], None, True, 1.0, 0.0, 0), r"must agree in B, H and D"),
+    (lambda q, k, v: (q, k.double(), v.double(), None, True, 1.0, 0.0, 0), r"must share one dtype"),
+])
+def test_cpu_kernel_checks_its_preconditions(args, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastgpt.attention_fwd(*args(*make_qkv(2, 2, 3, 4, 8)))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), Tq=st.integers(1, 80), Tk=st.integers(1, 80),
+       D=st.sampled_from([1, 3, 8, 16, 24, 40, 64]), causal=st.booleans(), masked=st.booleans(),
+       dropout_p=st.sampled_from([0.0, 0.0, 0.35]), scale=st.floats(-1.0, 1.0), mask_seed=st.integers(0, 2**16))
+def test_cpu_property_random_shapes(B, H, Tq, Tk, D, causal, masked, dropout_p, scale, mask_seed):
+    """Any shape, head dim, mask, scale and dropout: output, lse and gradients match the oracle."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(B, H, Tq, Tk, D, generator_seed=mask_seed))
+    mask = (torch.rand(B, Tk, generator=torch.Generator().manual_seed(mask_seed)) > 0.4) if masked else None
+    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, causal, scale, dropout_p, mask_seed)
+    oracle = reference.attention(q.double(), k.double(), v.double(), causal, mask, dropout_p, scale, mask_seed)
+    assert_close(out, oracle)
+    assert_lse_matches(lse, reference.attention_lse(q.double(), k.double(), causal, mask, scale))
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    want = oracle_grads(q, k, v, grad_out, causal, mask, dropout_p, scale, mask_seed)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert_close(g, w, what=name)
+
+
+# ---- memory: nothing of size Tq x Tk ------------------------------------------------------
+
+_PEAK_RSS = """
+import sys, torch, fastgpt
+
+def status_mib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+backend, backward = sys.argv[1], sys.argv[2] == "1"
+# The cpu backward keeps one (Tq, D) dQ partial per key group, up to one group per thread:
+# a fixed thread count makes the bound below machine-independent.
+torch.set_num_threads(4)
+q, k, v = (torch.randn(1, 1, 4096, 64).requires_grad_(backward) for _ in range(3))
+grad_out = torch.randn(1, 1, 4096, 64)
+small = torch.randn(1, 1, 200, 64, requires_grad=backward)  # warm-up: thread pool, lazy init
+out = fastgpt.attention(small, small, small, causal=True, backend=backend)
+if backward:
+    out.backward(torch.randn_like(out))
+before = status_mib("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak resident set (VmHWM) to the current one
+out = fastgpt.attention(q, k, v, causal=True, backend=backend)
+if backward:
+    out.backward(grad_out)
+print(status_mib("VmHWM") - before)
+"""
+SCORE_MATRIX_BYTES = 4096 * 4096 * 4  # one float32 (Tq, Tk) matrix at T = 4096: 64 MiB
+
+
+def peak_extra_bytes(backend, backward):
+    """Growth of the peak resident set of a fresh process over one T=4096 attention call: Linux's
+    VmHWM after resetting it, which sees every allocation, torch's or not."""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set")
+    result = subprocess.run([sys.executable, "-c", _PEAK_RSS, backend, "1" if backward else "0"],
+                            capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "forward+backward"])
+def test_cpu_allocates_nothing_quadratic(backward):
+    assert peak_extra_bytes("cpu", backward) < SCORE_MATRIX_BYTES / 4
+
+
+def test_peak_memory_measure_catches_the_naive_backend():
+    """The measure above is not vacuous: the book's attention materialises (Tq, Tk) matrices."""
+    assert peak_extra_bytes("naive", False) > SCORE_MATRIX_BYTES
