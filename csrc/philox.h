@@ -29,7 +29,9 @@ FASTGPT_HOST_DEVICE uint32_t mulhi_u32(uint32_t a, uint32_t b) {
 // First 32-bit output of Philox-4x32-10 for counter (c0, 0, 0, 0) and key (k0, k1).
 FASTGPT_HOST_DEVICE uint32_t philox_u32(uint32_t k0, uint32_t k1, uint32_t c0) {
   uint32_t c1 = 0, c2 = 0, c3 = 0;
+#if defined(__CUDACC__)
 #pragma unroll
+#endif
   for (int round = 0; round < 10; ++round) {
     const uint32_t prev_c0 = c0, prev_c2 = c2;
     c0 = mulhi_u32(0xCD9E8D57u, prev_c2) ^ c1 ^ k0;

@@ -59,6 +59,15 @@ def _layer_norm_backward(ctx, grad_y, grad_mean, grad_rstd):
     return grad_x, grad_weight, grad_bias, None
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fastgpt: double backward (gradients of gradients) through the fused attention "
+                       "and layer-norm kernels is not supported; use backend='naive' or 'sdpa' for it")
+
+
+def _keep_nothing(ctx, inputs, output):
+    pass
+
+
 def register() -> None:
     if _extension._C is None:
         return
@@ -70,6 +79,8 @@ def register() -> None:
                                     setup_context=_attention_setup_context)
     torch.library.register_autograd("fastgpt::layer_norm_fwd", _layer_norm_backward,
                                     setup_context=_layer_norm_setup_context)
+    for backward_op in ("fastgpt::attention_bwd", "fastgpt::layer_norm_bwd"):
+        torch.library.register_autograd(backward_op, _no_double_backward, setup_context=_keep_nothing)
 
 
 register()

@@ -89,3 +89,14 @@ def test_compile_fullgraph_matches_eager():
     assert "fastgpt.layer_norm_fwd" in code and "fastgpt.attention_fwd" in code, code
     for name, got, want in zip(("out", "grad_x", "grad_weight", "grad_bias"), compiled, eager):
         assert_close(got, want, what=f"compiled {name}")
+
+
+def test_double_backward_through_the_fused_ops_raises_clearly():
+    q, k, v = (torch.randn(1, 2, 8, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad_q, = torch.autograd.grad(fastgpt.attention(q, k, v, backend="cpu").sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        grad_q.sum().backward()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    grad_x, = torch.autograd.grad(fastgpt.layer_norm(x, None, None, backend="cpu").pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        grad_x.sum().backward()
