@@ -294,7 +294,7 @@ def test_cpu_opcheck(dtype):
     torch.library.opcheck(torch.ops.fastgpt.attention_fwd.default, fwd_args)
     out, lse = torch.ops.fastgpt.attention_fwd(*fwd_args)
     grad_out = torch.randn_like(out)
-    bwd_args = (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse, mask, True, 0.25, 0.1, 42)
+    bwd_args = (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), mask, True, 0.25, 0.1, 42)
     torch.library.opcheck(torch.ops.fastgpt.attention_bwd.default, bwd_args)
 
 
