@@ -49,4 +49,18 @@ void launch_attention_fwd(const AttentionParams& params, cudaStream_t stream);
 template <typename Element, int kHeadDim>
 void launch_attention_bwd(const AttentionParams& params, cudaStream_t stream);
 
+using AttentionLauncher = void (*)(const AttentionParams&, cudaStream_t);
+
+// The instantiation for a runtime head dim; nullptr for one that is not compiled.
+template <typename Element>
+AttentionLauncher attention_launcher_for(bool forward, int64_t head_dim) {
+  switch (head_dim) {
+    case 16: return forward ? launch_attention_fwd<Element, 16> : launch_attention_bwd<Element, 16>;
+    case 32: return forward ? launch_attention_fwd<Element, 32> : launch_attention_bwd<Element, 32>;
+    case 64: return forward ? launch_attention_fwd<Element, 64> : launch_attention_bwd<Element, 64>;
+    case 128: return forward ? launch_attention_fwd<Element, 128> : launch_attention_bwd<Element, 128>;
+    default: return nullptr;
+  }
+}
+
 }  // namespace fastgpt::cuda

@@ -18,26 +18,16 @@
 namespace fastgpt::cuda {
 namespace {
 
-using Launcher = void (*)(const AttentionParams&, cudaStream_t);
-
-template <typename Element>
-Launcher pick_head_dim(bool forward, int64_t head_dim) {
-  switch (head_dim) {
-    case 16: return forward ? launch_attention_fwd<Element, 16> : launch_attention_bwd<Element, 16>;
-    case 32: return forward ? launch_attention_fwd<Element, 32> : launch_attention_bwd<Element, 32>;
-    case 64: return forward ? launch_attention_fwd<Element, 64> : launch_attention_bwd<Element, 64>;
-    case 128: return forward ? launch_attention_fwd<Element, 128> : launch_attention_bwd<Element, 128>;
-    default: TORCH_CHECK(false, "emulator: unsupported head dim ", head_dim);
-  }
-}
-
-Launcher pick_launcher(bool forward, at::ScalarType dtype, int64_t head_dim) {
+AttentionLauncher pick_launcher(bool forward, at::ScalarType dtype, int64_t head_dim) {
+  AttentionLauncher launcher = nullptr;
   switch (dtype) {
-    case at::kHalf: return pick_head_dim<__half>(forward, head_dim);
-    case at::kBFloat16: return pick_head_dim<__nv_bfloat16>(forward, head_dim);
-    case at::kFloat: return pick_head_dim<float>(forward, head_dim);
+    case at::kHalf: launcher = attention_launcher_for<__half>(forward, head_dim); break;
+    case at::kBFloat16: launcher = attention_launcher_for<__nv_bfloat16>(forward, head_dim); break;
+    case at::kFloat: launcher = attention_launcher_for<float>(forward, head_dim); break;
     default: TORCH_CHECK(false, "emulator: unsupported dtype ", dtype);
   }
+  TORCH_CHECK(launcher != nullptr, "emulator: unsupported head dim ", head_dim);
+  return launcher;
 }
 
 void configure(bool reverse_order, bool copy_at_wait, std::initializer_list<const at::Tensor*> inputs) {
