@@ -10,7 +10,7 @@ CUDA_SOURCES := $(wildcard csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h) $(CUDA_SOURCES)
 EXT := fastgpt/_C$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
-.PHONY: all setup build test bench cmake-build wheel-check gpu-check clean
+.PHONY: all setup build test bench cmake-build wheel-check gpu-check gpu-carry clean
 all: test
 
 $(VENV)/.deps: requirements-dev.txt
@@ -53,9 +53,14 @@ cmake-build: $(VENV)/.installed
 
 # On a GPU machine (preinstalled torch, no venv, no network): build, tests, sanitizers,
 # acceptance scripts, benchmarks; every log goes into DIR.  make gpu-check DIR=.gpu/run
+# From a developer machine first: `make gpu-carry` copies ../shared/acceptance (which does not
+# travel to the GPU machine) into the git-ignored .gpu/, to be carried along with the tree.
 DIR ?= .gpu/run
 gpu-check:
 	tools/gpu_check.sh $(DIR)
+
+gpu-carry:
+	mkdir -p .gpu && cp -r ../shared/acceptance .gpu/
 
 clean:
 	rm -rf build dist *.egg-info fastgpt/_C*.so
