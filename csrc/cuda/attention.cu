@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "cuda/attention.h"
+#include "cuda/attention_params.h"
 #include "cuda/device_checks.h"
 
 namespace fastgpt::cuda {
@@ -69,27 +70,6 @@ at::Tensor kernel_layout(const at::Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
-AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& mask, bool causal, double scale, double dropout_p,
-                            int64_t seed) {
-  AttentionParams p{};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
-  p.key_padding_mask = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
-  p.batch = int(q.size(0)), p.heads = int(q.size(1)), p.q_len = int(q.size(2)), p.k_len = int(k.size(2));
-  p.causal = causal;
-  p.scale = float(scale);
-  p.scale_log2 = float(scale * 1.4426950408889634);
-  p.dropout_p = float(dropout_p);
-  p.dropout_scale = float(1.0 / (1.0 - dropout_p));
-  p.seed = static_cast<uint32_t>(seed);  // Philox key word 0 is the seed modulo 2^32 (csrc/philox.h)
-  return p;
-}
-
 std::optional<at::Tensor> contiguous_mask(const std::optional<at::Tensor>& mask) {
   if (!mask.has_value()) return std::nullopt;
   return mask->contiguous();
@@ -115,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   }
   const at::Tensor q_ = kernel_layout(q), k_ = kernel_layout(k), v_ = kernel_layout(v);
   const std::optional<at::Tensor> mask = contiguous_mask(key_padding_mask);
-  AttentionParams p = make_params(q_, k_, v_, mask, causal, scale, dropout_p, seed);
+  AttentionParams p = make_attention_params(q_, k_, v_, mask, causal, scale, dropout_p, seed);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   launcher(p, c10::cuda::getCurrentCUDAStream());
@@ -155,15 +135,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const std::optional<at::Tensor> mask = contiguous_mask(key_padding_mask);
   at::Tensor delta = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));             // (B, H, Tq)
   at::Tensor grad_q_accum = at::zeros({B, H, Tq, D}, q.options().dtype(at::kFloat));  // (B, H, Tq, D)
-  AttentionParams p = make_params(q_, k_, v_, mask, causal, scale, dropout_p, seed);
-  p.grad_out = grad_out_.data_ptr();
-  p.grad_out_batch_stride = grad_out_.stride(0), p.grad_out_head_stride = grad_out_.stride(1),
-  p.grad_out_row_stride = grad_out_.stride(2);
-  p.saved_out = out_.data_ptr();
-  p.saved_lse = lse_.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.grad_q_accum = grad_q_accum.data_ptr<float>();
-  p.grad_q = grad_q.data_ptr(), p.grad_k = grad_k.data_ptr(), p.grad_v = grad_v.data_ptr();
+  AttentionParams p = make_attention_params(q_, k_, v_, mask, causal, scale, dropout_p, seed);
+  set_attention_backward_params(p, grad_out_, out_, lse_, delta, grad_q_accum, grad_q, grad_k, grad_v);
   launcher(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_q, grad_k, grad_v};

@@ -14,6 +14,7 @@
 #include "cuda/attention_bwd.cuh"
 #include "cuda/attention_fwd.cuh"
 #include "cuda/layer_norm_kernels.cuh"
+#include "cuda/attention_params.h"
 
 namespace fastgpt::cuda {
 namespace {
@@ -45,25 +46,6 @@ void configure(bool reverse_order, bool copy_at_wait, std::initializer_list<cons
 // As attention.cu: last dim contiguous (CPU allocations are aligned enough).
 at::Tensor kernel_layout(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
-AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& mask, bool causal, double scale, double dropout_p,
-                            int64_t seed) {
-  AttentionParams p{};
-  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
-  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
-  p.key_padding_mask = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
-  p.batch = int(q.size(0)), p.heads = int(q.size(1)), p.q_len = int(q.size(2)), p.k_len = int(k.size(2));
-  p.causal = causal;
-  p.scale = float(scale);
-  p.scale_log2 = float(scale * 1.4426950408889634);
-  p.dropout_p = float(dropout_p);
-  p.dropout_scale = float(1.0 / (1.0 - dropout_p));
-  p.seed = static_cast<uint32_t>(seed);
-  return p;
-}
-
 std::vector<at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                       const std::optional<at::Tensor>& mask_in, bool causal, double scale,
                                       double dropout_p, int64_t seed, bool reverse_order, bool copy_at_wait) {
@@ -73,7 +55,7 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& 
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   configure(reverse_order, copy_at_wait, {&q, &k, &v});
-  AttentionParams p = make_params(q, k, v, mask, causal, scale, dropout_p, seed);
+  AttentionParams p = make_attention_params(q, k, v, mask, causal, scale, dropout_p, seed);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   pick_launcher(true, q.scalar_type(), q.size(3))(p, nullptr);
@@ -94,15 +76,8 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& grad_out_in, const at::T
   at::Tensor grad_q = at::empty(q.sizes(), q.options()), grad_k = at::empty(k.sizes(), k.options()),
              grad_v = at::empty(v.sizes(), v.options());
   configure(reverse_order, copy_at_wait, {&q, &k, &v, &grad_out});
-  AttentionParams p = make_params(q, k, v, mask, causal, scale, dropout_p, seed);
-  p.grad_out = grad_out.data_ptr();
-  p.grad_out_batch_stride = grad_out.stride(0), p.grad_out_head_stride = grad_out.stride(1),
-  p.grad_out_row_stride = grad_out.stride(2);
-  p.saved_out = out.data_ptr();
-  p.saved_lse = lse.data_ptr<float>();
-  p.delta = delta.data_ptr<float>();
-  p.grad_q_accum = grad_q_accum.data_ptr<float>();
-  p.grad_q = grad_q.data_ptr(), p.grad_k = grad_k.data_ptr(), p.grad_v = grad_v.data_ptr();
+  AttentionParams p = make_attention_params(q, k, v, mask, causal, scale, dropout_p, seed);
+  set_attention_backward_params(p, grad_out, out, lse, delta, grad_q_accum, grad_q, grad_k, grad_v);
   pick_launcher(false, q.scalar_type(), q.size(3))(p, nullptr);
   return {grad_q, grad_k, grad_v};
 }
