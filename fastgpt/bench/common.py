@@ -377,6 +377,14 @@ def write_outputs(out_dir: str, stem: str, data: dict, markdown: str) -> dict[st
     return paths
 
 
+def print_report(tables: str, unavailable: dict[str, str], paths: dict[str, str]) -> None:
+    """The terminal end of every benchmark: its tables, what was not measured and why, the files."""
+    print(tables)
+    for name, why in unavailable.items():
+        print(f"not measured: {name}: {why}")
+    print(f"\nwrote {', '.join(paths.values())}")
+
+
 def progress(total: int, desc: str):
     """The live progress bar every benchmark shows (on stderr)."""
     from tqdm import tqdm

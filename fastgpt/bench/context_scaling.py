@@ -434,11 +434,7 @@ def run(argv: Sequence[str] | None = None, impls: dict[str, AttentionFn] | None 
     plot(rows, settings, slopes, f"{'Causal' if settings.causal else 'Full'} attention vs context length, "
          f"{shape}: {env['device_name']}", paths["png"])
     data["files"] = paths
-    print(tables(rows, settings))
-    print("\n" + slopes_table(slopes))
-    for name, why in unavailable.items():
-        print(f"not measured: {name}: {why}")
-    print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']}")
+    common.print_report(tables(rows, settings) + "\n\n" + slopes_table(slopes), unavailable, paths)
     return data
 
 

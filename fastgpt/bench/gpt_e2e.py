@@ -248,10 +248,7 @@ def run(argv: Sequence[str] | None = None, show_progress: bool = True) -> dict:
     stem = (args.stem or env["device_kind"]) + "_gpt"
     paths = common.write_outputs(args.out_dir, stem, data, markdown(data))
     data["files"] = paths
-    print(table(results))
-    for name, why in unavailable.items():
-        print(f"not measured: {name}: {why}")
-    print(f"\nwrote {paths['json']}, {paths['md']}")
+    common.print_report(table(results), unavailable, paths)
     return data
 
 

@@ -232,10 +232,7 @@ def run(argv: Sequence[str] | None = None, impls: dict[str, LayerNormFn] | None 
     }
     paths = common.write_outputs(args.out_dir, stem, data, markdown(data, list(impls)))
     data["files"] = paths
-    print(tables(copies, results, list(impls)))
-    for name, why in unavailable.items():
-        print(f"not measured: {name}: {why}")
-    print(f"\nwrote {paths['json']}, {paths['md']}")
+    common.print_report(tables(copies, results, list(impls)), unavailable, paths)
     return data
 
 
