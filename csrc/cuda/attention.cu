@@ -18,25 +18,11 @@
 #include <tuple>
 
 #include "cuda/attention.h"
-#include "cuda/attention_params.h"
+#include "cuda/host.h"
 #include "cuda/device_checks.h"
 
 namespace fastgpt::cuda {
 namespace {
-
-AttentionLauncher pick_launcher(bool forward, at::ScalarType dtype, int64_t head_dim) {
-  AttentionLauncher launcher = nullptr;
-  switch (dtype) {
-    case at::kHalf: launcher = attention_launcher_for<__half>(forward, head_dim); break;
-    case at::kBFloat16: launcher = attention_launcher_for<__nv_bfloat16>(forward, head_dim); break;
-    case at::kFloat: launcher = attention_launcher_for<float>(forward, head_dim); break;
-    default:
-      TORCH_CHECK(false, "fastgpt CUDA attention supports float16, bfloat16 (tensor cores) and float32, got ",
-                  dtype);
-  }
-  TORCH_CHECK(launcher != nullptr, "fastgpt CUDA attention supports head dims 16, 32, 64 and 128, got ", head_dim);
-  return launcher;
-}
 
 void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& key_padding_mask) {
@@ -83,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "fastgpt attention: dropout_p must be in [0, 1), got ", dropout_p);
   const c10::cuda::CUDAGuard guard(q.device());
   check_compute_capability();
-  const AttentionLauncher launcher = pick_launcher(/*forward=*/true, q.scalar_type(), q.size(3));
+  const AttentionLauncher launcher = pick_attention_launcher(/*forward=*/true, q.scalar_type(), q.size(3));
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
   at::Tensor out = at::empty({B, H, Tq, D}, q.options());                    // (B, H, Tq, D)
   at::Tensor lse = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));     // (B, H, Tq)
@@ -121,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
               "fastgpt attention backward: all tensors must be on the device of q");
   const c10::cuda::CUDAGuard guard(q.device());
   check_compute_capability();
-  const AttentionLauncher launcher = pick_launcher(/*forward=*/false, q.scalar_type(), q.size(3));
+  const AttentionLauncher launcher = pick_attention_launcher(/*forward=*/false, q.scalar_type(), q.size(3));
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
   const auto contiguous = at::MemoryFormat::Contiguous;
   at::Tensor grad_q = at::empty_like(q, contiguous), grad_k = at::empty_like(k, contiguous),

@@ -15,21 +15,11 @@
 #include <tuple>
 
 #include "cuda/device_checks.h"
+#include "cuda/host.h"
 #include "cuda/layer_norm_kernels.cuh"
 
 namespace fastgpt::cuda {
 namespace {
-
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kHalf: return fn(__half{});
-    case at::kBFloat16: return fn(__nv_bfloat16{});
-    case at::kFloat: return fn(float{});
-    default:
-      TORCH_CHECK(false, "fastgpt CUDA layer norm supports float16, bfloat16 and float32, got ", dtype);
-  }
-}
 
 void check_layer_norm_inputs(const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, "fastgpt layer norm: x must be (N, C) with C >= 1, got ", x.sizes());
@@ -59,7 +49,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
   p.mean = mean.data_ptr<float>(), p.rstd = rstd.data_ptr<float>();
   p.rows = N, p.cols = int(x.size(1)), p.eps = float(eps);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(x.scalar_type(), [&](auto element) { launch_layer_norm_fwd<decltype(element)>(p, stream); });
+  dispatch_element_type(x.scalar_type(), "layer norm",
+                        [&](auto element) { launch_layer_norm_fwd<decltype(element)>(p, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, mean, rstd};
 }
@@ -95,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   // Two blocks per SM stream through the rows; fewer when there are fewer row groups.
   const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(x.scalar_type(), [&](auto element) {
+  dispatch_element_type(x.scalar_type(), "layer norm", [&](auto element) {
     using Element = decltype(element);
     const RowShape shape = row_shape<Element>(p);
     const int64_t rows_per_block = shape == RowShape::kWarp ? kLayerNormThreads / 32 : 1;

@@ -14,22 +14,10 @@
 #include "cuda/attention_bwd.cuh"
 #include "cuda/attention_fwd.cuh"
 #include "cuda/layer_norm_kernels.cuh"
-#include "cuda/attention_params.h"
+#include "cuda/host.h"
 
 namespace fastgpt::cuda {
 namespace {
-
-AttentionLauncher pick_launcher(bool forward, at::ScalarType dtype, int64_t head_dim) {
-  AttentionLauncher launcher = nullptr;
-  switch (dtype) {
-    case at::kHalf: launcher = attention_launcher_for<__half>(forward, head_dim); break;
-    case at::kBFloat16: launcher = attention_launcher_for<__nv_bfloat16>(forward, head_dim); break;
-    case at::kFloat: launcher = attention_launcher_for<float>(forward, head_dim); break;
-    default: TORCH_CHECK(false, "emulator: unsupported dtype ", dtype);
-  }
-  TORCH_CHECK(launcher != nullptr, "emulator: unsupported head dim ", head_dim);
-  return launcher;
-}
 
 void configure(bool reverse_order, bool copy_at_wait, std::initializer_list<const at::Tensor*> inputs) {
   auto& rt = fastgpt_emu::runtime();
@@ -58,7 +46,7 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& 
   AttentionParams p = make_attention_params(q, k, v, mask, causal, scale, dropout_p, seed);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  pick_launcher(true, q.scalar_type(), q.size(3))(p, nullptr);
+  pick_attention_launcher(true, q.scalar_type(), q.size(3))(p, nullptr);
   return {out, lse};
 }
 
@@ -78,18 +66,8 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& grad_out_in, const at::T
   configure(reverse_order, copy_at_wait, {&q, &k, &v, &grad_out});
   AttentionParams p = make_attention_params(q, k, v, mask, causal, scale, dropout_p, seed);
   set_attention_backward_params(p, grad_out, out, lse, delta, grad_q_accum, grad_q, grad_k, grad_v);
-  pick_launcher(false, q.scalar_type(), q.size(3))(p, nullptr);
+  pick_attention_launcher(false, q.scalar_type(), q.size(3))(p, nullptr);
   return {grad_q, grad_k, grad_v};
-}
-
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kHalf: return fn(__half{});
-    case at::kBFloat16: return fn(__nv_bfloat16{});
-    case at::kFloat: return fn(float{});
-    default: TORCH_CHECK(false, "emulator: unsupported dtype ", dtype);
-  }
 }
 
 std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
@@ -101,7 +79,8 @@ std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& we
   p.x = x.data_ptr(), p.weight = weight.data_ptr(), p.bias = bias.data_ptr(), p.y = y.data_ptr();
   p.mean = mean.data_ptr<float>(), p.rstd = rstd.data_ptr<float>();
   p.rows = x.size(0), p.cols = int(x.size(1)), p.eps = float(eps);
-  dispatch_dtype(x.scalar_type(), [&](auto element) { launch_layer_norm_fwd<decltype(element)>(p, nullptr); });
+  dispatch_element_type(x.scalar_type(), "layer norm",
+                        [&](auto element) { launch_layer_norm_fwd<decltype(element)>(p, nullptr); });
   return {y, mean, rstd};
 }
 
@@ -117,7 +96,7 @@ std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& grad_y, const at::Tenso
   p.mean = mean.data_ptr<float>(), p.rstd = rstd.data_ptr<float>();
   p.grad_weight = grad_weight.data_ptr(), p.grad_bias = grad_bias.data_ptr();
   p.rows = x.size(0), p.cols = int(x.size(1));
-  dispatch_dtype(x.scalar_type(), [&](auto element) {
+  dispatch_element_type(x.scalar_type(), "layer norm", [&](auto element) {
     using Element = decltype(element);
     const int64_t rows_per_block = row_shape<Element>(p) == RowShape::kWarp ? kLayerNormThreads / 32 : 1;
     p.partial_rows = int(std::min<int64_t>(blocks, (p.rows + rows_per_block - 1) / rows_per_block));

@@ -1,8 +1,11 @@
-// Filling AttentionParams (attention.h) from torch tensors: shared by the extension's host
-// wrappers (attention.cu) and the CPU emulator of the kernels (emulator/emulator.cpp), so
-// both hand the kernels exactly the same parameters. Host code only.
+// Host-side glue between torch tensors and the kernels, shared by the extension's wrappers
+// (attention.cu, layer_norm.cu) and the CPU emulator of the kernels (emulator/emulator.cpp),
+// so both pick the same instantiations and hand them exactly the same parameters.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 #include <optional>
@@ -10,6 +13,26 @@
 #include "cuda/attention.h"
 
 namespace fastgpt::cuda {
+
+// Calls fn(Element{}) with the kernel element type of `dtype`; `op` names the op in the error.
+template <typename Fn>
+void dispatch_element_type(at::ScalarType dtype, const char* op, Fn&& fn) {
+  switch (dtype) {
+    case at::kHalf: return fn(__half{});
+    case at::kBFloat16: return fn(__nv_bfloat16{});
+    case at::kFloat: return fn(float{});
+    default: TORCH_CHECK(false, "fastgpt CUDA ", op, " supports float16, bfloat16 and float32, got ", dtype);
+  }
+}
+
+inline AttentionLauncher pick_attention_launcher(bool forward, at::ScalarType dtype, int64_t head_dim) {
+  AttentionLauncher launcher = nullptr;
+  dispatch_element_type(dtype, "attention", [&](auto element) {
+    launcher = attention_launcher_for<decltype(element)>(forward, head_dim);
+  });
+  TORCH_CHECK(launcher != nullptr, "fastgpt CUDA attention supports head dims 16, 32, 64 and 128, got ", head_dim);
+  return launcher;
+}
 
 // q (B, H, Tq, D), k, v (B, H, Tk, D) with a contiguous last dim; mask (B, Tk) contiguous.
 inline AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
