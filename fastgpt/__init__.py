@@ -3,7 +3,7 @@ slotted into the GPT-2 model of "Build a Large Language Model (from Scratch)".""
 from . import _registration  # noqa: F401  (autograd + fake impls of the fastgpt:: ops)
 from . import nn
 from .model import GPT2_CONFIGS, GPTModel
-from .nn import patch
+from .patch import patch
 from .ops import attention, info, layer_norm
 from .tokenizer import get_tokenizer
 from .weights import load_book_state_dict, load_checkpoint, load_gpt2, save_checkpoint

@@ -24,6 +24,13 @@ from . import _extension, reference
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NAMES = ("naive", "sdpa", "cpu", "cuda", "triton")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "sdpa", "naive"), "cpu": ("cpu", "sdpa", "naive")}
+BACKEND_NAMES = ("auto",) + NAMES  # what every `backend=` argument accepts
+
+
+def check_backend_name(backend: str) -> str:
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_NAMES)}")
+    return backend
 
 
 @dataclass

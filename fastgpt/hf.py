@@ -38,12 +38,12 @@ except ImportError as error:  # both interfaces exist from transformers 4.53 on
                       f"transformers {transformers.__version__} is installed ({error})") from error
 
 from . import ops
-from .model import check_backend_name
+from .backends import check_backend_name
 
 # Keyword arguments some models pass that change the attention itself (logit soft-capping,
 # T5-style position bias, sliding windows, attention sinks): fastgpt.attention has none of them.
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "sliding_window", "s_aux", "sinks")
-REGISTERED: set[str] = set()  # attn_implementation names that run fastgpt (see fastgpt.nn.patch)
+REGISTERED: set[str] = set()  # attn_implementation names that run fastgpt (see fastgpt.patch)
 FALLBACKS: set[str] = set()  # why calls ran transformers' sdpa instead, including calls under torch.compile
 _warned: set[str] = set()
 

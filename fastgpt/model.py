@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import backends
+from .backends import BACKEND_NAMES, check_backend_name
 from .ops import attention, layer_norm
 
 # The book's configs. drop_rate 0.1 and qkv_bias False are its values for training
@@ -32,13 +32,6 @@ GPT2_CONFIGS = {
     "gpt2-xl": {**_GPT2_BASE, "emb_dim": 1600, "n_heads": 25, "n_layers": 48},  # 1558M
 }
 CONFIG_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
-BACKEND_NAMES = ("auto",) + backends.NAMES
-
-
-def check_backend_name(backend: str) -> str:
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_NAMES)}")
-    return backend
 
 
 class KVCache:
