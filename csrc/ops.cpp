@@ -1,7 +1,8 @@
 // The operator schemas of fastgpt: one TORCH_LIBRARY block, the contract every
 // backend implements. Per-device kernels register with TORCH_LIBRARY_IMPL in
-// csrc/cpu/*.cpp and csrc/cuda/*.cu; autograd and fake (meta) implementations
-// are registered from Python (fastgpt/_registration.py).
+// csrc/cpu/*.cpp and csrc/cuda/*.cu (their argument checks: csrc/checks.h); autograd,
+// fake (meta) implementations and the double-backward guard are registered from Python by
+// the op contract (fastgpt/_registration.py), which the Triton operators share.
 //
 // Shapes (the book's layout):
 //   q            (B, H, Tq, D)        k, v  (B, H, Tk, D)        same dtype

@@ -1,8 +1,11 @@
 """The backends behind fastgpt.attention / fastgpt.layer_norm, and which one runs.
 
-Each backend declares what it supports (devices, dtypes, head dims) and why it is
-unavailable here, if it is. Selection happens once per call in `select`, after
-fastgpt.ops has validated the inputs and before any kernel runs:
+Each backend declares here, and nowhere else, what it supports: devices (and why it is
+unavailable on one), dtypes, attention head dims, and the combinations it refuses. The
+same declarations decide dispatch and word the errors: `select` for the public API (after
+fastgpt.ops has validated the inputs, before any kernel runs), `refusal` for the Triton
+operators' own safety nets. (The C++/CUDA kernels compile their supported set in; tests
+check that it agrees with the declarations below.)
 - an explicit backend that cannot run raises and says why;
 - `auto` takes the first backend of AUTO_ORDER that can.
 
@@ -33,6 +36,15 @@ def check_backend_name(backend: str) -> str:
     return backend
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A combination a backend takes in principle but refuses: `op` on `device_type` tensors of `dtype`."""
+    op: str
+    device_type: str
+    dtype: torch.dtype
+    reason: str
+
+
 @dataclass
 class Backend:
     name: str
@@ -43,8 +55,7 @@ class Backend:
     unavailable: dict[str, str | None] = field(default_factory=dict)
     attention: Callable | None = None  # (q, k, v, causal, key_padding_mask, dropout_p, scale, seed) -> out
     layer_norm: Callable | None = None  # (x2d, weight, bias, eps) -> y2d
-    # (op, device type, dtype) -> None, or why this backend refuses that combination
-    refuses: Callable[[str, str, torch.dtype], str | None] = lambda op, device_type, dtype: None
+    refusals: tuple[Refusal, ...] = ()
 
     def why_not(self, device_type: str) -> str | None:
         return self.unavailable.get(device_type, f"the {self.name} backend does not run on {device_type} tensors")
@@ -107,12 +118,6 @@ def _triton_reasons() -> dict[str, str | None]:
     return reasons
 
 
-def _triton_refuses(op: str, device_type: str, dtype: torch.dtype) -> str | None:
-    if op == "attention" and device_type == "cpu" and dtype == torch.bfloat16:
-        return "Triton's CPU interpreter has no bfloat16 tl.dot (it returns garbage); use float16 or float32"
-    return None
-
-
 def _build_registry() -> dict[str, Backend]:
     ext = _extension_reasons()
     registry = {
@@ -128,13 +133,16 @@ def _build_registry() -> dict[str, Backend]:
         "cuda": Backend("cuda", "fused CUDA kernels (csrc/cuda)", FLOAT_DTYPES, (16, 32, 64, 128),
                         {"cuda": ext["cuda"]}, _extension_attention, _extension_layer_norm),
         "triton": Backend("triton", "fused Triton kernels (fastgpt/triton)", FLOAT_DTYPES,
-                          (16, 32, 64, 128), _triton_reasons(), refuses=_triton_refuses),
+                          (16, 32, 64, 128), _triton_reasons(),
+                          refusals=(Refusal("attention", "cpu", torch.bfloat16,
+                                            "Triton's CPU interpreter has no bfloat16 tl.dot (it returns wrong "
+                                            "numbers): use float16 or float32 on CPU tensors, bfloat16 on a GPU"),)),
     }
     triton = registry["triton"]
     if any(reason is None for reason in triton.unavailable.values()):
         try:
-            from . import triton as triton_kernels
-            triton.attention, triton.layer_norm = triton_kernels.attention, triton_kernels.layer_norm
+            from .triton import attention as triton_attention, layer_norm as triton_layer_norm
+            triton.attention, triton.layer_norm = triton_attention.attention, triton_layer_norm.layer_norm
         except Exception as error:  # noqa: BLE001 - any import failure makes the backend unavailable
             reason = f"fastgpt.triton failed to import: {type(error).__name__}: {error}"
             triton.unavailable = {device: reason for device in triton.unavailable}
@@ -142,41 +150,70 @@ def _build_registry() -> dict[str, Backend]:
 
 
 REGISTRY = _build_registry()
+# Every dtype some backend takes: what fastgpt.ops accepts before selecting one.
+ALL_DTYPES = tuple(dtype for dtype in FLOAT_DTYPES + (torch.float64,)
+                   if any(dtype in backend.dtypes for backend in REGISTRY.values()))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _one_of(items) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    items = [str(item) for item in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def dtypes_expected() -> str:
+    """The dtypes the public API accepts, and which backends take the ones not every backend
+    takes: 'float16, bfloat16, float32 or float64 (float64: naive, sdpa, cpu)'."""
+    partial = []
+    for dtype in ALL_DTYPES:
+        takers = [name for name, backend in REGISTRY.items() if dtype in backend.dtypes]
+        if len(takers) < len(REGISTRY):
+            partial.append(f"{_dtype_name(dtype)}: {', '.join(takers)}")
+    names = _one_of(_dtype_name(d) for d in ALL_DTYPES)
+    return names + (f" ({'; '.join(partial)})" if partial else "")
 
 
 def select(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> Backend:
     """The backend that runs a call on `device` with `dtype`: attention passes its `head_dim`,
     layer norm passes None."""
+    op = "layer_norm" if head_dim is None else "attention"
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("naive",)):
             candidate = REGISTRY[name]
-            if _refusal(candidate, device, dtype, head_dim) is None:
+            if refusal(candidate, op, device, dtype, head_dim) is None:
                 return candidate
-        raise RuntimeError(f"fastgpt: no backend can run {dtype} tensors on {device}; see fastgpt.info()")
+        raise RuntimeError(f"fastgpt.{op}: no backend can run {dtype} tensors on {device}; see fastgpt.info()")
     if backend not in REGISTRY:
-        raise ValueError(f"fastgpt: unknown backend {backend!r}; expected one of {('auto',) + NAMES}")
+        raise ValueError(f"fastgpt.{op}: unknown backend {backend!r}; expected one of {('auto',) + NAMES}")
     chosen = REGISTRY[backend]
-    refusal = _refusal(chosen, device, dtype, head_dim)
-    if refusal is not None:
-        raise (RuntimeError if refusal.startswith("unavailable") else ValueError)(
-            f"fastgpt: backend={backend!r} cannot run this call: {refusal}")
+    why = refusal(chosen, op, device, dtype, head_dim)
+    if why is not None:
+        raise (RuntimeError if why.startswith("unavailable") else ValueError)(
+            f"fastgpt.{op}: backend={backend!r} cannot run this call: {why}")
     return chosen
 
 
-def _refusal(candidate: Backend, device: torch.device, dtype: torch.dtype, head_dim: int | None) -> str | None:
+def refusal(backend: Backend | str, op: str, device: torch.device, dtype: torch.dtype,
+            head_dim: int | None = None) -> str | None:
+    """None when `backend` runs `op` ("attention" with its head dim, or "layer_norm") on `device`
+    with `dtype`; else why not, from the backend's declarations above."""
+    candidate = REGISTRY[backend] if isinstance(backend, str) else backend
     why = candidate.why_not(device.type)
     if why is not None:
         return f"unavailable on {device.type}: {why}"
     if dtype not in candidate.dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in candidate.dtypes)
-        return f"dtype {str(dtype).replace('torch.', '')} is not supported; supported dtypes: {names}"
-    refusal = candidate.refuses("layer_norm" if head_dim is None else "attention", device.type, dtype)
-    if refusal is not None:
-        return refusal
+        return f"dtype must be {_one_of(_dtype_name(d) for d in candidate.dtypes)}, got {_dtype_name(dtype)}"
+    for refused in candidate.refusals:
+        if (refused.op, refused.device_type, refused.dtype) == (op, device.type, dtype):
+            return refused.reason
     if head_dim is not None and candidate.head_dims is not None and head_dim not in candidate.head_dims:
         dims = candidate.head_dims
-        supported = f"{dims[0]}..{dims[-1]}" if len(dims) > 8 else ", ".join(map(str, dims))
-        return f"head dim {head_dim} is not supported; supported head dims: {supported}"
+        supported = f"{dims[0]}..{dims[-1]}" if len(dims) > 8 else _one_of(dims)
+        return f"head dim must be {supported}, got {head_dim}"
     return None
 
 

@@ -1,7 +1,9 @@
 """The public functional API: input checks and backend dispatch, in one place.
 
-Everything a caller can get wrong is checked here, before any kernel runs, with a
-message that says what was expected. Kernels below this layer may assume valid input.
+Everything a caller can get wrong is checked here, once, before any kernel runs, with one
+message format: "fastgpt.<op>: <what> must be <expected>, got <actual>". What each backend
+supports (dtypes, head dims, refusals) is declared in fastgpt.backends, which words those
+errors. Kernels below this layer may assume valid input (their own checks are safety nets).
 """
 from __future__ import annotations
 
@@ -11,12 +13,14 @@ import torch
 
 from . import backends
 
-_DTYPE_NAMES = "float16, bfloat16, float32 (float64 on the naive, sdpa and cpu backends)"
-_SUPPORTED_DTYPES = backends.FLOAT_DTYPES + (torch.float64,)
-
 
 def _shape(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
+
+
+def _check_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in backends.ALL_DTYPES:
+        raise ValueError(f"fastgpt.{op}: {name} must be {backends.dtypes_expected()}, got {t.dtype}")
 
 
 def _check_attention(q, k, v, key_padding_mask, dropout_p, scale) -> float:
@@ -26,8 +30,7 @@ def _check_attention(q, k, v, key_padding_mask, dropout_p, scale) -> float:
         if t.dim() != 4:
             layout = "(B, H, Tq, D)" if name == "q" else "(B, H, Tk, D)"
             raise ValueError(f"fastgpt.attention: {name} must be 4-D {layout}, got shape {_shape(t)}")
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(f"fastgpt.attention: {name} has dtype {t.dtype}; expected {_DTYPE_NAMES}")
+        _check_dtype("attention", name, t)
     if k.shape != v.shape:
         raise ValueError(f"fastgpt.attention: k and v must have the same shape (B, H, Tk, D), "
                          f"got k {_shape(k)} and v {_shape(v)}")
@@ -35,8 +38,8 @@ def _check_attention(q, k, v, key_padding_mask, dropout_p, scale) -> float:
         raise ValueError(f"fastgpt.attention: q (B, H, Tq, D) and k, v (B, H, Tk, D) must agree in B, H and D, "
                          f"got q {_shape(q)} and k {_shape(k)}")
     if q.numel() == 0 or k.numel() == 0:
-        raise ValueError(f"fastgpt.attention: empty input (q {_shape(q)}, k {_shape(k)}); "
-                         f"B, H, Tq, Tk and D must all be at least 1")
+        raise ValueError(f"fastgpt.attention: B, H, Tq, Tk and D must all be at least 1, "
+                         f"got q {_shape(q)} and k {_shape(k)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"fastgpt.attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -51,8 +54,8 @@ def _check_attention(q, k, v, key_padding_mask, dropout_p, scale) -> float:
             raise ValueError(f"fastgpt.attention: key_padding_mask must have shape (B, Tk) = ({B}, {Tk}), "
                              f"got {_shape(key_padding_mask)}")
         if key_padding_mask.device != q.device:
-            raise ValueError(f"fastgpt.attention: key_padding_mask is on {key_padding_mask.device}, "
-                             f"q, k, v on {q.device}")
+            raise ValueError(f"fastgpt.attention: key_padding_mask must be on {q.device} (the device of q, k, v), "
+                             f"got {key_padding_mask.device}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"fastgpt.attention: dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if scale is None:
@@ -95,8 +98,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
         raise TypeError(f"fastgpt.layer_norm: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"fastgpt.layer_norm: x must have a non-empty last dim (..., C), got shape {_shape(x)}")
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"fastgpt.layer_norm: x has dtype {x.dtype}; expected {_DTYPE_NAMES}")
+    _check_dtype("layer_norm", "x", x)
     C = x.shape[-1]
     params = []
     for name, t, fill in (("weight", weight, 1.0), ("bias", bias, 0.0)):
@@ -108,7 +110,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
             raise ValueError(f"fastgpt.layer_norm: {name} must have shape (C,) = ({C},) to match x {_shape(x)}, "
                              f"got {_shape(t)}")
         elif t.device != x.device:
-            raise ValueError(f"fastgpt.layer_norm: {name} is on {t.device}, x on {x.device}")
+            raise ValueError(f"fastgpt.layer_norm: {name} must be on {x.device} (the device of x), got {t.device}")
         elif not t.is_floating_point():
             raise ValueError(f"fastgpt.layer_norm: {name} must be floating point, got {t.dtype}")
         params.append(t.to(x.dtype))

@@ -24,8 +24,8 @@ def qkv(B=2, H=3, Tq=5, Tk=5, D=16, dtype=torch.float32):
     (lambda q, k, v: (q[:, :2], k, v), r"must agree in B, H and D"),
     (lambda q, k, v: (q[..., :8], k, v), r"must agree in B, H and D"),
     (lambda q, k, v: (q, k.half(), v.half()), r"must share one dtype"),
-    (lambda q, k, v: (q.int(), k, v), r"q has dtype torch.int32; expected float16, bfloat16, float32"),
-    (lambda q, k, v: (q[:, :, :0], k, v), r"empty input .* must all be at least 1"),
+    (lambda q, k, v: (q.int(), k, v), r"q must be float16, bfloat16, float32 or float64 \(float64: naive, sdpa, cpu\), got torch.int32"),
+    (lambda q, k, v: (q[:, :, :0], k, v), r"B, H, Tq, Tk and D must all be at least 1, got q \(2, 3, 0, 16\)"),
     (lambda q, k, v: (q, k.to("meta"), v.to("meta")), r"must be on one device"),
     (lambda q, k, v: (q.numpy(), k, v), r"q must be a torch.Tensor, got ndarray"),
 ])
@@ -40,7 +40,7 @@ def test_attention_rejects_bad_tensors(bad, message):
     ([[True] * 5] * 2, r"key_padding_mask must be a bool tensor .* got list"),
     (torch.ones(2, 4, dtype=torch.bool), r"key_padding_mask must have shape \(B, Tk\) = \(2, 5\), got \(2, 4\)"),
     (torch.ones(5, 2, dtype=torch.bool), r"got \(5, 2\)"),
-    (torch.ones(2, 5, dtype=torch.bool, device="meta"), r"key_padding_mask is on meta"),
+    (torch.ones(2, 5, dtype=torch.bool, device="meta"), r"key_padding_mask must be on cpu \(the device of q, k, v\), got meta"),
 ])
 def test_attention_rejects_bad_mask(mask, message):
     with pytest.raises(ValueError, match=message):
@@ -66,9 +66,9 @@ def test_unknown_backend_lists_choices():
 
 def test_unavailable_backend_says_why():
     # CUDA kernels never run on CPU tensors: the error names the device and the reason.
-    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run this call: unavailable on cpu"):
+    with pytest.raises(RuntimeError, match=r"fastgpt.attention: backend='cuda' cannot run this call: unavailable on cpu"):
         fastgpt.attention(*qkv(), backend="cuda")
-    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run this call"):
+    with pytest.raises(RuntimeError, match=r"fastgpt.layer_norm: backend='cuda' cannot run this call"):
         fastgpt.layer_norm(torch.randn(3, 8), None, None, backend="cuda")
 
 
@@ -76,16 +76,32 @@ def test_unsupported_head_dim_names_supported_set():
     fake = backends.Backend("fake", "test", (torch.float32,), (16, 32, 64, 128), {"cpu": None})
     backends.REGISTRY["fake"] = fake
     try:
-        with pytest.raises(ValueError, match=r"head dim 48 is not supported; supported head dims: 16, 32, 64, 128"):
+        with pytest.raises(ValueError, match=r"head dim must be 16, 32, 64 or 128, got 48"):
             backends.select("fake", torch.device("cpu"), torch.float32, 48)
-        with pytest.raises(ValueError, match=r"dtype float16 is not supported; supported dtypes: float32"):
+        with pytest.raises(ValueError, match=r"dtype must be float32, got float16"):
             backends.select("fake", torch.device("cpu"), torch.float16, 64)
     finally:
         del backends.REGISTRY["fake"]
 
 
+def test_declared_refusals_word_the_error():
+    # Triton's interpreter refuses bfloat16 attention: declared once (backends.REGISTRY), used by
+    # select and by the Triton operators' own safety net.
+    triton = backends.REGISTRY["triton"]
+    assert any(r.op == "attention" and r.device_type == "cpu" and r.dtype == torch.bfloat16 for r in triton.refusals)
+    why = backends.refusal(triton, "attention", torch.device("cpu"), torch.bfloat16, 64)
+    if triton.why_not("cpu") is None:
+        assert why == triton.refusals[0].reason
+    assert backends.refusal("naive", "attention", torch.device("cpu"), torch.bfloat16, 64) is None
+
+
+def test_dtypes_expected_come_from_the_registry():
+    assert backends.ALL_DTYPES == (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    assert backends.dtypes_expected() == "float16, bfloat16, float32 or float64 (float64: naive, sdpa, cpu)"
+
+
 def test_cpu_head_dim_limit_is_checked_before_the_kernel():
-    with pytest.raises(ValueError, match=r"head dim 300 is not supported; supported head dims: 1..256"):
+    with pytest.raises(ValueError, match=r"fastgpt.attention: backend='cpu' cannot run this call: head dim must be 1..256, got 300"):
         fastgpt.attention(*make_qkv(1, 1, 4, 4, 300), backend="cpu")
 
 
@@ -96,9 +112,9 @@ def test_cpu_head_dim_limit_is_checked_before_the_kernel():
     ((torch.randn(4, 8), None, torch.ones(2, 8)), r"bias must have shape \(C,\) = \(8,\)"),
     ((torch.randn(4, 0), None, None), r"x must have a non-empty last dim"),
     ((torch.tensor(1.0), None, None), r"x must have a non-empty last dim \(\.\.\., C\), got shape \(\)"),
-    ((torch.ones(4, 8, dtype=torch.int64), None, None), r"x has dtype torch.int64"),
+    ((torch.ones(4, 8, dtype=torch.int64), None, None), r"x must be float16, bfloat16, float32 or float64 .*, got torch.int64"),
     ((torch.randn(4, 8), torch.ones(8, dtype=torch.int64), None), r"weight must be floating point"),
-    ((torch.randn(4, 8), torch.ones(8, device="meta"), None), r"weight is on meta, x on cpu"),
+    ((torch.randn(4, 8), torch.ones(8, device="meta"), None), r"weight must be on cpu \(the device of x\), got meta"),
     (([1.0, 2.0], None, None), r"x must be a torch.Tensor, got list"),
     ((torch.randn(4, 8), "w", None), r"weight must be a tensor or None, got str"),
 ])

@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fastgpt
-from fastgpt import reference
+from fastgpt import backends, reference
 from fastgpt.ops import _draw_seed
 from checks import assert_close, attention_oracle, make_qkv, padding_mask
 from conftest import skip_unsupported_dtype
@@ -300,14 +300,24 @@ def test_cpu_opcheck(dtype):
 
 @pytest.mark.parametrize("args, message", [
     (lambda q, k, v: (q, k, v, torch.ones(2, 5, dtype=torch.bool), True, 1.0, 0.0, 0),
-     r"key_padding_mask must be bool \(B, Tk\)"),
-    (lambda q, k, v: (q, k, v, None, True, 1.0, 1.0, 0), r"dropout_p must be in \[0, 1\)"),
-    (lambda q, k, v: (q, k[:, :1], v[:, :1], None, True, 1.0, 0.0, 0), r"must agree in B, H and D"),
-    (lambda q, k, v: (q, k.double(), v.double(), None, True, 1.0, 0.0, 0), r"must share one dtype"),
+     r"fastgpt::attention_fwd: key_padding_mask must be bool \(B, Tk\) = \(2, 4\), got Bool \[2, 5\]"),
+    (lambda q, k, v: (q, k, v, None, True, 1.0, 1.0, 0), r"fastgpt::attention_fwd: dropout_p must be in \[0, 1\), got 1"),
+    (lambda q, k, v: (q, k[:, :1], v[:, :1], None, True, 1.0, 0.0, 0), r"fastgpt::attention_fwd: q and k, v must agree in B, H and D"),
+    (lambda q, k, v: (q, k.double(), v.double(), None, True, 1.0, 0.0, 0), r"fastgpt::attention_fwd: q, k and v must share one dtype, got Float, Double, Double"),
 ])
 def test_cpu_kernel_checks_its_preconditions(args, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.fastgpt.attention_fwd(*args(*make_qkv(2, 2, 3, 4, 8)))
+
+
+def test_cpu_kernel_head_dims_are_the_declared_ones():
+    # backends.py declares the cpu backend's head dims; the C++ kernels enforce their own limit.
+    dims = backends.REGISTRY["cpu"].head_dims
+    for D in (dims[0], dims[-1]):
+        torch.ops.fastgpt.attention_fwd(*make_qkv(1, 1, 2, 2, D), None, True, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match=rf"fastgpt::attention_fwd: head dim must be 1..{dims[-1]} "
+                                           rf"\(the CPU kernels\), got {dims[-1] + 1}"):
+        torch.ops.fastgpt.attention_fwd(*make_qkv(1, 1, 2, 2, dims[-1] + 1), None, True, 1.0, 0.0, 0)
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, database=None)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fastgpt
-from fastgpt import reference
+from fastgpt import backends, reference
 from checks import assert_close, attention_oracle, make_qkv, padding_mask
 
 OPS = ("attention_fwd", "attention_bwd", "layer_norm_fwd", "layer_norm_bwd")
@@ -122,6 +122,20 @@ def test_emulated_dropout_mask_is_bit_identical_to_reference(emulator):
     assert torch.equal(out != 0, reference.dropout_keep_mask(seed, B, H, T, T, p))
 
 
+def test_compiled_head_dims_are_the_declared_ones(emulator):
+    """csrc/cuda/attention.h compiles the head dims that fastgpt/backends.py declares for `cuda`."""
+    assert tuple(emulator.attention_head_dims()) == backends.REGISTRY["cuda"].head_dims
+
+
+def test_emulated_layer_norm_with_no_rows(emulator):
+    x = torch.empty(0, 64)
+    w, b = torch.ones(64), torch.zeros(64)
+    y, mean, rstd = emulator.layer_norm_fwd(x, w, b, 1e-5, False, False)
+    assert y.shape == (0, 64) and mean.shape == rstd.shape == (0,)
+    grad_x, grad_w, grad_b = emulator.layer_norm_bwd(x, x, w, mean, rstd, 3, False, False)
+    assert grad_x.shape == (0, 64) and (grad_w == 0).all() and (grad_b == 0).all()
+
+
 # (N, C, offset): warp rows, block rows, the generic path (C % 8 != 0), tiny C, a large mean.
 EMULATED_LAYER_NORM = [(37, 768, 0.0), (9, 1600, 0.0), (5, 4099, 0.0), (3, 8, 0.0), (40, 1024, 1e3), (6, 1280, 1e3)]
 
@@ -159,17 +173,19 @@ def test_emulated_layer_norm_matches_oracle(emulator, case, dtype, reverse_order
 @pytest.mark.parametrize("head_dim", (8, 48, 96, 256))
 def test_unsupported_head_dim_is_refused_naming_the_supported_ones(head_dim):
     q, k, v = make_qkv(1, 1, 4, 4, head_dim, torch.float16, "cuda")
-    with pytest.raises(RuntimeError, match="head dims 16, 32, 64 and 128"):
+    with pytest.raises(RuntimeError, match=rf"fastgpt::attention_fwd: head dim must be 16, 32, 64 or 128 "
+                                           rf"\(the compiled CUDA kernels\), got {head_dim}"):
         torch.ops.fastgpt.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0)
 
 
 @needs_gpu
 def test_unsupported_dtype_is_refused_naming_the_supported_ones():
     q, k, v = make_qkv(1, 1, 4, 4, 64, torch.float64, "cuda")
-    with pytest.raises(RuntimeError, match="float16, bfloat16"):
+    with pytest.raises(RuntimeError, match=r"fastgpt::attention_fwd: dtype must be float16, bfloat16 or float32 "
+                                           r"\(the CUDA kernels\), got Double"):
         torch.ops.fastgpt.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0)
     x = torch.randn(3, 8, dtype=torch.float64, device="cuda")
-    with pytest.raises(RuntimeError, match="float16, bfloat16 and float32"):
+    with pytest.raises(RuntimeError, match=r"fastgpt::layer_norm_fwd: dtype must be float16, bfloat16 or float32"):
         torch.ops.fastgpt.layer_norm_fwd(x, torch.ones(8, dtype=x.dtype, device="cuda"),
                                          torch.zeros(8, dtype=x.dtype, device="cuda"), 1e-5)
 
@@ -177,7 +193,7 @@ def test_unsupported_dtype_is_refused_naming_the_supported_ones():
 @needs_gpu
 def test_mismatched_layer_norm_weight_is_refused():
     x = torch.randn(3, 8, dtype=torch.float16, device="cuda")
-    with pytest.raises(RuntimeError, match="weight must be"):
+    with pytest.raises(RuntimeError, match=r"fastgpt::layer_norm_fwd: weight must have shape \(C,\) = \(8,\), got \[7\]"):
         torch.ops.fastgpt.layer_norm_fwd(x, torch.ones(7, dtype=x.dtype, device="cuda"),
                                          torch.zeros(7, dtype=x.dtype, device="cuda"), 1e-5)
 

@@ -153,9 +153,9 @@ def test_gradients_do_not_depend_on_the_thread_count():
 
 
 @pytest.mark.parametrize("args, message", [
-    (lambda x, w, b: (x[None], w, b), r"x must be 2-D \(N, C\)"),
-    (lambda x, w, b: (x, w[:-1], b), r"weight must have shape \(C,\) = \(8,\)"),
-    (lambda x, w, b: (x, w, b.double()), r"bias has dtype Double, x has Float"),
+    (lambda x, w, b: (x[None], w, b), r"fastgpt::layer_norm_fwd: x must be 2-D \(N, C\) with C >= 1, got \[1, 4, 8\]"),
+    (lambda x, w, b: (x, w[:-1], b), r"fastgpt::layer_norm_fwd: weight must have shape \(C,\) = \(8,\), got \[7\]"),
+    (lambda x, w, b: (x, w, b.double()), r"fastgpt::layer_norm_fwd: bias must be Float \(the dtype of x\), got Double"),
 ])
 def test_forward_op_checks_its_arguments(args, message):
     x, weight, bias, _ = make_inputs((4, 8), torch.float32, "cpu")
@@ -166,7 +166,7 @@ def test_forward_op_checks_its_arguments(args, message):
 def test_backward_op_checks_its_arguments():
     x, weight, bias, grad_y = make_inputs((4, 8), torch.float32, "cpu")
     _, mean, rstd = torch.ops.fastgpt.layer_norm_fwd(x, weight, bias, EPS)
-    with pytest.raises(RuntimeError, match=r"grad_y must match x"):
+    with pytest.raises(RuntimeError, match=r"fastgpt::layer_norm_bwd: grad_y must have the shape, dtype and device of x"):
         torch.ops.fastgpt.layer_norm_bwd(grad_y[:3], x, weight, mean, rstd)
-    with pytest.raises(RuntimeError, match=r"rstd must be \(N,\) = \(4,\) in Float"):
+    with pytest.raises(RuntimeError, match=r"fastgpt::layer_norm_bwd: rstd must be \(N,\) = \(4,\) in Float on cpu, got \[4\] Double"):
         torch.ops.fastgpt.layer_norm_bwd(grad_y, x, weight, mean, rstd.double())

@@ -30,8 +30,8 @@ def device():
 @pytest.fixture(scope="module")
 def kernels(device):
     """The fastgpt.triton modules (imported by the registry once Triton can run here)."""
-    from fastgpt.triton import _launch, flash_attention, fused_layer_norm
-    return flash_attention, fused_layer_norm, _launch
+    from fastgpt.triton import _launch, attention, layer_norm
+    return attention, layer_norm, _launch
 
 
 def with_grads(attention_fn, q, k, v, grad_out):
@@ -44,14 +44,14 @@ def with_grads(attention_fn, q, k, v, grad_out):
 
 def attention_and_grads(q, k, v, causal, key_padding_mask=None, dropout_p=0.0, scale=None, seed=0,
                         naive_baseline=False):
-    """(out, dq, dk, dv) of fastgpt.triton.attention, of the float64 oracle and, with
+    """(out, dq, dk, dv) of fastgpt.triton.attention.attention, of the float64 oracle and, with
     naive_baseline, of the naive reference in q's dtype (the half-precision error baseline)."""
     import fastgpt.triton
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     B, H, Tq, D = q.shape
     grad_out = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(7)).to(q.device, q.dtype)
     args = (causal, key_padding_mask, dropout_p, scale, seed)
-    got = with_grads(lambda *qkv: fastgpt.triton.attention(*qkv, *args), q, k, v, grad_out)
+    got = with_grads(lambda *qkv: fastgpt.triton.attention.attention(*qkv, *args), q, k, v, grad_out)
     oracle = with_grads(lambda *qkv: reference.attention(*qkv, *args), q.double(), k.double(), v.double(), grad_out)
     if not naive_baseline:
         return got, oracle
@@ -71,12 +71,12 @@ def assert_all_close(got, oracle, baseline=None):
 def test_dropout_mask_is_the_reference_philox_mask(device, kernels, causal, Tq, Tk, seed):
     # With q = 0 every visible key gets the same weight 1/n_i, and with v = I the output row
     # is the (dropped, rescaled) weight row itself: out != 0 exactly where a weight was kept.
-    flash_attention = kernels[0]
+    triton_attention = kernels[0]
     B, H, p = 2, 3, 0.4
     q = torch.zeros(B, H, Tq, Tk, device=device)
     k = torch.randn(B, H, Tk, Tk, generator=torch.Generator().manual_seed(0)).to(device)
     v = torch.eye(Tk, device=device).expand(B, H, Tk, Tk)
-    out, _ = flash_attention.attention_fwd(q, k, v, None, causal, 0.125, p, seed)
+    out, _ = triton_attention.attention_fwd(q, k, v, None, causal, 0.125, p, seed)
     keep = reference.dropout_keep_mask(seed, B, H, Tq, Tk, p, device)
     visible = reference.visible_keys(Tq, Tk, causal, None, device)
     assert torch.equal(out != 0, keep & visible)
@@ -96,9 +96,9 @@ def test_dropout_output_and_grads_equal_the_reference_with_that_mask(device, dty
 def test_dropout_changes_with_the_seed_and_repeats_with_it(device):
     import fastgpt.triton
     q, k, v = make_qkv(1, 2, 33, 33, 16, device=device)
-    first = fastgpt.triton.attention(q, k, v, True, None, 0.5, 0.25, 11)
-    assert torch.equal(first, fastgpt.triton.attention(q, k, v, True, None, 0.5, 0.25, 11))
-    assert not torch.equal(first, fastgpt.triton.attention(q, k, v, True, None, 0.5, 0.25, 12))
+    first = fastgpt.triton.attention.attention(q, k, v, True, None, 0.5, 0.25, 11)
+    assert torch.equal(first, fastgpt.triton.attention.attention(q, k, v, True, None, 0.5, 0.25, 11))
+    assert not torch.equal(first, fastgpt.triton.attention.attention(q, k, v, True, None, 0.5, 0.25, 12))
 
 
 # ----------------------------------------------------------------------------- tile boundaries
@@ -111,13 +111,13 @@ CONFIG_SETS = list(range(5)) if HAS_GPU else [None]
 @pytest.fixture(params=CONFIG_SETS, ids=lambda i: "interpreter-config" if i is None else f"gpu-config{i}")
 def forced_configs(request, kernels, monkeypatch):
     """The (forward, dK/dV, dQ) configs the attention kernels run with in this test."""
-    flash_attention = kernels[0]
-    autotuners = (flash_attention._attention_fwd_kernel, flash_attention._attention_bwd_dkdv_kernel,
-                  flash_attention._attention_bwd_dq_kernel)
+    triton_attention = kernels[0]
+    autotuners = (triton_attention._attention_fwd_kernel, triton_attention._attention_bwd_dkdv_kernel,
+                  triton_attention._attention_bwd_dq_kernel)
     if request.param is None:
         return [tuner.configs[0] for tuner in autotuners]
-    chosen = [configs[request.param] for configs in (flash_attention.FWD_CONFIGS, flash_attention.DKDV_CONFIGS,
-                                                     flash_attention.DQ_CONFIGS)]
+    chosen = [configs[request.param] for configs in (triton_attention.FWD_CONFIGS, triton_attention.DKDV_CONFIGS,
+                                                     triton_attention.DQ_CONFIGS)]
     for tuner, config in zip(autotuners, chosen):
         monkeypatch.setattr(tuner, "configs", [config])
     return chosen
@@ -146,11 +146,11 @@ def test_tile_split_at_block_boundaries(device, forced_configs, causal, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("causal,Tq,Tk", [(True, 40, 40), (True, 19, 50), (True, 50, 19), (False, 33, 47)])
 def test_saved_lse_equals_the_reference_lse(device, kernels, dtype, causal, Tq, Tk):
-    flash_attention = kernels[0]
+    triton_attention = kernels[0]
     q, k, v = make_qkv(2, 2, Tq, Tk, 32, dtype=dtype, device=device)
     mask = padding_mask(2, Tk, device=device)  # batch 0 sees no key at all
     scale = 0.3
-    out, lse = flash_attention.attention_fwd(q, k, v, mask, causal, scale, 0.0, 0)
+    out, lse = triton_attention.attention_fwd(q, k, v, mask, causal, scale, 0.0, 0)
     want = reference.attention_lse(q.double(), k.double(), causal, mask, scale)
     assert lse.dtype == torch.float32 and lse.shape == (2, 2, Tq)
     no_key = torch.isneginf(want)
@@ -183,38 +183,54 @@ def test_ops_are_registered_next_to_the_extension_ops(device, kernels):
 
 
 def test_opcheck(device, kernels):
-    flash_attention, fused_layer_norm, _ = kernels
+    triton_attention, triton_layer_norm, _ = kernels
     q, k, v = make_qkv(1, 2, 17, 23, 16, device=device, requires_grad=True)
     mask = padding_mask(1, 23, device=device, fully_masked_row=False)
-    torch.library.opcheck(flash_attention.attention_fwd, (q, k, v, mask, True, 0.25, 0.2, 5))
-    out, lse = flash_attention.attention_fwd(q, k, v, mask, True, 0.25, 0.2, 5)
-    torch.library.opcheck(flash_attention.attention_bwd,
+    torch.library.opcheck(triton_attention.attention_fwd, (q, k, v, mask, True, 0.25, 0.2, 5))
+    out, lse = triton_attention.attention_fwd(q, k, v, mask, True, 0.25, 0.2, 5)
+    torch.library.opcheck(triton_attention.attention_bwd,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), mask,
                            True, 0.25, 0.2, 5))
     x = torch.randn(9, 40, device=device, requires_grad=True)
     w, b = torch.randn(40, device=device, requires_grad=True), torch.randn(40, device=device, requires_grad=True)
-    torch.library.opcheck(fused_layer_norm.layer_norm_fwd, (x, w, b, 1e-5))
-    _, mean, rstd = fused_layer_norm.layer_norm_fwd(x, w, b, 1e-5)
-    torch.library.opcheck(fused_layer_norm.layer_norm_bwd, (torch.randn(9, 40, device=device), x.detach(),
+    torch.library.opcheck(triton_layer_norm.layer_norm_fwd, (x, w, b, 1e-5))
+    _, mean, rstd = triton_layer_norm.layer_norm_fwd(x, w, b, 1e-5)
+    torch.library.opcheck(triton_layer_norm.layer_norm_bwd, (torch.randn(9, 40, device=device), x.detach(),
                                                             w.detach(), mean.detach(), rstd.detach()))
+
+
+def test_double_backward_through_the_triton_ops_raises_clearly(device):
+    # The op contract (fastgpt/_registration.py) guards the Triton backward operators as it does
+    # the C++ ones (tests/test_registration.py).
+    import fastgpt
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 8, 8, 16, device=device))
+    grad_q, = torch.autograd.grad(fastgpt.attention(q, k, v, backend="triton").sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        grad_q.sum().backward()
+    x = torch.randn(4, 16, device=device, requires_grad=True)
+    y = fastgpt.layer_norm(x, None, None, backend="triton")
+    grad_x, = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        grad_x.sum().backward()
 
 
 def test_ops_check_their_own_preconditions(device, kernels):
     # fastgpt.ops validates the public API; the registered ops can be called directly too.
-    flash_attention, fused_layer_norm, _ = kernels
+    triton_attention, triton_layer_norm, _ = kernels
     q, k, v = make_qkv(1, 1, 8, 8, 24, device=device)
-    with pytest.raises(RuntimeError, match=r"head dim 24 not in \(16, 32, 64, 128\)"):
-        flash_attention.attention_fwd(q, k, v, None, True, 0.2, 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"fastgpt::triton_attention_fwd: head dim must be 16, 32, 64 or 128, got 24"):
+        triton_attention.attention_fwd(q, k, v, None, True, 0.2, 0.0, 0)
     q, k, v = make_qkv(1, 1, 8, 8, 16, device=device)
-    with pytest.raises(RuntimeError, match=r"key_padding_mask must be bool \(B, Tk\)"):
-        flash_attention.attention_fwd(q, k, v, torch.ones(1, 7, dtype=torch.bool, device=device), True, 0.2, 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"key_padding_mask must be bool \(B, Tk\) = \(1, 8\), got torch.bool \(1, 7\)"):
+        triton_attention.attention_fwd(q, k, v, torch.ones(1, 7, dtype=torch.bool, device=device), True, 0.2, 0.0, 0)
     if device == "cpu":
         with pytest.raises(RuntimeError, match="interpreter has no bfloat16 tl.dot"):
-            flash_attention.attention_fwd(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, True, 0.2, 0.0, 0)
+            triton_attention.attention_fwd(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, True, 0.2, 0.0, 0)
     x = torch.randn(4, 16, device=device)
     w = torch.ones(16, device=device)
-    with pytest.raises(RuntimeError, match="mean and rstd must be contiguous float32"):
-        fused_layer_norm.layer_norm_bwd(x, x, w, torch.zeros(4, dtype=torch.float64, device=device),
+    with pytest.raises(RuntimeError, match=r"fastgpt::triton_layer_norm_bwd: mean and rstd must be contiguous float32 "
+                                           r"\(N,\) = \(4,\), got torch.float64"):
+        triton_layer_norm.layer_norm_bwd(x, x, w, torch.zeros(4, dtype=torch.float64, device=device),
                                         torch.ones(4, device=device))
 
 
@@ -246,34 +262,34 @@ def test_torch_compile_fullgraph(device):
 # ----------------------------------------------------------------------------- autotuning
 
 def test_autotune_key_buckets_lengths(kernels):
-    flash_attention, fused_layer_norm, launch = kernels
+    triton_attention, triton_layer_norm, launch = kernels
     assert [launch.length_bucket(T) for T in (1, 16, 17, 64, 65, 1000, 1024, 1025, 10**6)] == \
         [16, 16, 32, 64, 128, 1024, 1024, 2048, 16384]
-    for kernel in (flash_attention._attention_fwd_kernel, flash_attention._attention_bwd_dkdv_kernel,
-                   flash_attention._attention_bwd_dq_kernel):
+    for kernel in (triton_attention._attention_fwd_kernel, triton_attention._attention_bwd_dkdv_kernel,
+                   triton_attention._attention_bwd_dq_kernel):
         assert kernel.keys == ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL"]
-    for kernel in (fused_layer_norm._layer_norm_fwd_kernel, fused_layer_norm._layer_norm_bwd_kernel):
+    for kernel in (triton_layer_norm._layer_norm_fwd_kernel, triton_layer_norm._layer_norm_bwd_kernel):
         assert kernel.keys == ["C"]
     if launch.INTERPRET:  # one config each: the interpreter must not time candidates
-        assert flash_attention._attention_fwd_kernel.configs == [flash_attention.FWD_INTERPRETER_CONFIG]
+        assert triton_attention._attention_fwd_kernel.configs == [triton_attention.FWD_INTERPRETER_CONFIG]
     else:
-        assert flash_attention._attention_fwd_kernel.configs == flash_attention.FWD_CONFIGS
+        assert triton_attention._attention_fwd_kernel.configs == triton_attention.FWD_CONFIGS
 
 
 def test_autotune_candidates_are_pruned_to_the_lengths(kernels):
-    flash_attention, fused_layer_norm, _ = kernels
-    decode = flash_attention._prune_to_lengths(flash_attention.FWD_CONFIGS, {}, Q_BUCKET=16, K_BUCKET=1024)
+    triton_attention, triton_layer_norm, _ = kernels
+    decode = triton_attention._prune_to_lengths(triton_attention.FWD_CONFIGS, {}, Q_BUCKET=16, K_BUCKET=1024)
     assert decode and all(c.kwargs["BLOCK_M"] == 16 for c in decode)
-    long = flash_attention._prune_to_lengths(flash_attention.FWD_CONFIGS, {}, Q_BUCKET=4096, K_BUCKET=4096)
-    assert long == flash_attention.FWD_CONFIGS
-    tiny = flash_attention._prune_to_lengths(flash_attention.DQ_CONFIGS, {}, Q_BUCKET=16, K_BUCKET=16)
+    long = triton_attention._prune_to_lengths(triton_attention.FWD_CONFIGS, {}, Q_BUCKET=4096, K_BUCKET=4096)
+    assert long == triton_attention.FWD_CONFIGS
+    tiny = triton_attention._prune_to_lengths(triton_attention.DQ_CONFIGS, {}, Q_BUCKET=16, K_BUCKET=16)
     assert len(tiny) == 1  # nothing fits: the smallest tile
-    wide = fused_layer_norm._prune_to_width(fused_layer_norm.FWD_CONFIGS, {"BLOCK_C": 8192})
+    wide = triton_layer_norm._prune_to_width(triton_layer_norm.FWD_CONFIGS, {"BLOCK_C": 8192})
     assert wide and all(c.kwargs["BLOCK_R"] == 1 for c in wide)
-    gpt2_xl = fused_layer_norm._prune_to_width(fused_layer_norm.BWD_CONFIGS, {}, BLOCK_C=2048)  # C = 1600
+    gpt2_xl = triton_layer_norm._prune_to_width(triton_layer_norm.BWD_CONFIGS, {}, BLOCK_C=2048)  # C = 1600
     assert [c.kwargs["BLOCK_R"] for c in gpt2_xl] == [1, 2, 4]
-    gpt2 = fused_layer_norm._prune_to_width(fused_layer_norm.BWD_CONFIGS, {}, BLOCK_C=1024)  # C = 768
-    assert gpt2 == fused_layer_norm.BWD_CONFIGS
+    gpt2 = triton_layer_norm._prune_to_width(triton_layer_norm.BWD_CONFIGS, {}, BLOCK_C=1024)  # C = 768
+    assert gpt2 == triton_layer_norm.BWD_CONFIGS
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="the interpreter runs one config: nothing is tuned or cached")
@@ -283,7 +299,7 @@ def test_autotune_caches_one_config_per_bucket(device, kernels):
 
     def run(Tq, Tk):
         q, k, v = make_qkv(1, 2, Tq, Tk, 64, dtype=torch.float16, device=device)
-        fastgpt.triton.attention(q, k, v, True, None, 0.0, 0.125, 0)
+        fastgpt.triton.attention.attention(q, k, v, True, None, 0.0, 0.125, 0)
         return {key[:4] for key in kernel.cache}  # (Q_BUCKET, K_BUCKET, HEAD_DIM, CAUSAL), then dtypes
 
     for T in (300, 400, 512):
@@ -299,13 +315,13 @@ def test_autotune_caches_one_config_per_bucket(device, kernels):
 @pytest.mark.parametrize("dtype,C", [(torch.float32, 768), (torch.float16, 100)])
 @pytest.mark.parametrize("rows_per_group", [2, 40])
 def test_layer_norm_weight_grads_with_a_short_last_group(device, kernels, dtype, C, rows_per_group):
-    fused_layer_norm = kernels[1]
-    target = fused_layer_norm._target_groups(torch.device(device))
+    triton_layer_norm = kernels[1]
+    target = triton_layer_norm._target_groups(torch.device(device))
     # About `rows_per_group` rows per group, N chosen so that the last group is shorter than the
     # others (with 40 rows per group the row loop inside a group also ends on a partial block).
     N = next(n for n in range(target * rows_per_group - target // 2, 10**6)
-             if n % fused_layer_norm.row_groups(n, torch.device(device))[0] != 0)
-    rows_per_group, num_groups = fused_layer_norm.row_groups(N, torch.device(device))
+             if n % triton_layer_norm.row_groups(n, torch.device(device))[0] != 0)
+    rows_per_group, num_groups = triton_layer_norm.row_groups(N, torch.device(device))
     assert num_groups > 1 and N % rows_per_group != 0
     gen = torch.Generator().manual_seed(N)
     x = (torch.randn(N, C, generator=gen) * 2 + 0.5).to(device=device, dtype=dtype).requires_grad_()
@@ -313,7 +329,7 @@ def test_layer_norm_weight_grads_with_a_short_last_group(device, kernels, dtype,
     b = torch.randn(C, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     grad_y = torch.randn(N, C, generator=gen).to(device)
     import fastgpt.triton
-    fastgpt.triton.layer_norm(x, w, b, 1e-5).backward(grad_y.to(dtype))
+    fastgpt.triton.layer_norm.layer_norm(x, w, b, 1e-5).backward(grad_y.to(dtype))
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
     reference.layer_norm(x64, w64, b64).backward(grad_y.double())
     baseline = [None] * 3
@@ -335,7 +351,7 @@ HOPPER_COMPILE_SCRIPT = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
     from triton.runtime.autotuner import Autotuner
-    from fastgpt.triton import flash_attention as fa, fused_layer_norm as ln
+    from fastgpt.triton import attention as fa, layer_norm as ln
 
     # Triton specialises int arguments equal to 1 as constants: the unit strides of a launch.
     UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_od", "stride_kpmn",
@@ -358,9 +374,10 @@ HOPPER_COMPILE_SCRIPT = textwrap.dedent("""
 
     plain = dict(HEAD_DIM=64, CAUSAL=True, HAS_KPM=False, kpm_ptr=None, HAS_DROPOUT=False, DOT_PRECISION="tf32")
     every_feature = dict(HEAD_DIM=32, CAUSAL=True, HAS_KPM=True, HAS_DROPOUT=True, DOT_PRECISION="ieee")
-    for kernel in (fa._attention_fwd_kernel, fa._attention_bwd_dkdv_kernel, fa._attention_bwd_dq_kernel):
-        build(kernel, "bf16", plain, 4, 3)  # a GPT's call: no mask, no dropout
-        build(kernel, "fp32", every_feature, 4, 3)
+    for kernel, pass_ in ((fa._attention_fwd_kernel, {}), (fa._attention_bwd_dkdv_kernel, dict(DQ_PASS=False)),
+                          (fa._attention_bwd_dq_kernel, dict(DQ_PASS=True))):
+        build(kernel, "bf16", {**plain, **pass_}, 4, 3)  # a GPT's call: no mask, no dropout
+        build(kernel, "fp32", {**every_feature, **pass_}, 4, 3)
     build(fa._attention_bwd_delta_kernel, "bf16", dict(HEAD_DIM=64, BLOCK_M=fa.DELTA_BLOCK_M), 4, 1)
     build(ln._layer_norm_fwd_kernel, "bf16", dict(BLOCK_C=1024), 4, 1)
     build(ln._layer_norm_bwd_kernel, "bf16", dict(BLOCK_C=1024), 4, 1)

@@ -62,6 +62,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "philox.h"
 
 namespace fastgpt {
@@ -557,33 +558,15 @@ void backward(const Problem<scalar_t>& pb, const Gradients<scalar_t, acc_t>& g, 
 
 // ---- the operators ----------------------------------------------------------------------
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// The CPU kernels' own limit (fastgpt/backends.py declares the cpu backend's head dims to match;
+// tests/test_attention.py checks the two agree). The other argument checks: csrc/checks.h.
+constexpr int64_t kMaxHeadDim = 256;
+
+void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& key_padding_mask, double dropout_p) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "fastgpt attention (cpu): q, k, v must be 4-D (B, H, T, D), got ", q.sizes(), ", ",
-              k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(k.sizes() == v.sizes(), "fastgpt attention (cpu): k ", k.sizes(), " and v ",
-              v.sizes(), " must have the same shape");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
-              "fastgpt attention (cpu): q ", q.sizes(), " and k ", k.sizes(),
-              " must agree in B, H and D");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "fastgpt attention (cpu): q, k, v must share one dtype");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
-              "fastgpt attention (cpu): tensors must be on the CPU");
-  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= 256,
-              "fastgpt attention (cpu): head dim must be in 1..256, got ", q.size(3));
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
-              "fastgpt attention (cpu): dropout_p must be in [0, 1), got ", dropout_p);
-  if (key_padding_mask.has_value()) {
-    const at::Tensor& mask = *key_padding_mask;
-    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == k.size(0) &&
-                    mask.size(1) == k.size(2),
-                "fastgpt attention (cpu): key_padding_mask must be bool (B, Tk) = (", k.size(0),
-                ", ", k.size(2), "), got ", mask.scalar_type(), " ", mask.sizes());
-    TORCH_CHECK(mask.device().is_cpu(),
-                "fastgpt attention (cpu): key_padding_mask must be on the CPU");
-  }
+  check_attention_inputs(op, q, k, v, key_padding_mask, dropout_p);
+  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, op, ": head dim must be 1..", kMaxHeadDim,
+              " (the CPU kernels), got ", q.size(3));
 }
 
 template <typename scalar_t>
@@ -608,7 +591,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
     double dropout_p, int64_t seed) {
-  check_inputs(q_in, k_in, v_in, key_padding_mask, dropout_p);
+  check_inputs("fastgpt::attention_fwd", q_in, k_in, v_in, key_padding_mask, dropout_p);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   std::optional<at::Tensor> mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
@@ -629,17 +612,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
     double dropout_p, int64_t seed) {
-  check_inputs(q_in, k_in, v_in, key_padding_mask, dropout_p);
-  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
-              "fastgpt attention_bwd (cpu): grad_out ", grad_out_in.sizes(), " and out ",
-              out_in.sizes(), " must have the shape of q ", q_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == q_in.scalar_type() &&
-                  out_in.scalar_type() == q_in.scalar_type(),
-              "fastgpt attention_bwd (cpu): grad_out and out must have the dtype of q");
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 &&
-                  lse_in.sizes() == q_in.sizes().slice(0, 3),
-              "fastgpt attention_bwd (cpu): lse must be float32 (B, H, Tq), got ",
-              lse_in.scalar_type(), " ", lse_in.sizes());
+  check_inputs("fastgpt::attention_bwd", q_in, k_in, v_in, key_padding_mask, dropout_p);
+  check_attention_bwd_inputs("fastgpt::attention_bwd", grad_out_in, q_in, out_in, lse_in);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();

@@ -49,6 +49,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "checks.h"
+
 namespace fastgpt {
 namespace {
 
@@ -136,11 +138,6 @@ struct Sums {
   }
 };
 
-// mean and rstd: float32, float64 for float64 x (so that float64 gradients are float64-exact).
-at::ScalarType stats_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 template <typename scalar_t>
 void layer_norm_fwd_rows(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, scalar_t* y,
                          acc_t<scalar_t>* mean_out, acc_t<scalar_t>* rstd_out, int64_t N, int64_t C,
@@ -180,21 +177,13 @@ void layer_norm_fwd_rows(const scalar_t* x, const scalar_t* weight, const scalar
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                                   const at::Tensor& bias, double eps) {
-  TORCH_CHECK(x.dim() == 2, "fastgpt::layer_norm_fwd: x must be 2-D (N, C), got ", x.sizes());
-  const int64_t N = x.size(0), C = x.size(1);
-  TORCH_CHECK(C > 0, "fastgpt::layer_norm_fwd: C must be at least 1, got x ", x.sizes());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"weight", weight}, {"bias", bias}}) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "fastgpt::layer_norm_fwd: ", name, " must have shape (C,) = (", C,
-                ",), got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fastgpt::layer_norm_fwd: ", name, " has dtype ",
-                t.scalar_type(), ", x has ", x.scalar_type(), " (they must match)");
-    TORCH_CHECK(t.device().is_cpu(), "fastgpt::layer_norm_fwd: ", name, " must be on the CPU, got ", t.device());
-  }
+  check_layer_norm_inputs("fastgpt::layer_norm_fwd", x, {{"weight", &weight}, {"bias", &bias}});
   TORCH_CHECK(eps > 0, "fastgpt::layer_norm_fwd: eps must be positive, got ", eps);
+  const int64_t N = x.size(0), C = x.size(1);
   const at::Tensor x_rows = x.contiguous(), w = weight.contiguous(), b = bias.contiguous();
   at::Tensor y = at::empty_like(x_rows);  // (N, C)
-  at::Tensor mean = at::empty({N}, x.options().dtype(stats_dtype(x)));  // (N,)
-  at::Tensor rstd = at::empty({N}, x.options().dtype(stats_dtype(x)));  // (N,)
+  at::Tensor mean = at::empty({N}, x.options().dtype(layer_norm_stats_dtype(x)));  // (N,)
+  at::Tensor rstd = at::empty({N}, x.options().dtype(layer_norm_stats_dtype(x)));  // (N,)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastgpt::layer_norm_fwd", [&] {
     using acc = acc_t<scalar_t>;
     layer_norm_fwd_rows<scalar_t>(x_rows.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
@@ -271,22 +260,9 @@ void layer_norm_bwd_rows(const scalar_t* grad_y, const scalar_t* x, const scalar
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                                                                   const at::Tensor& weight, const at::Tensor& mean,
                                                                   const at::Tensor& rstd) {
-  TORCH_CHECK(x.dim() == 2, "fastgpt::layer_norm_bwd: x must be 2-D (N, C), got ", x.sizes());
+  check_layer_norm_inputs("fastgpt::layer_norm_bwd", x, {{"weight", &weight}});
+  check_layer_norm_bwd_inputs("fastgpt::layer_norm_bwd", grad_y, x, mean, rstd);
   const int64_t N = x.size(0), C = x.size(1);
-  TORCH_CHECK(C > 0, "fastgpt::layer_norm_bwd: C must be at least 1, got x ", x.sizes());
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
-              "fastgpt::layer_norm_bwd: grad_y must match x (", x.sizes(), ", ", x.scalar_type(), "), got ",
-              grad_y.sizes(), ", ", grad_y.scalar_type());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == C && weight.scalar_type() == x.scalar_type(),
-              "fastgpt::layer_norm_bwd: weight must be (C,) = (", C, ",) in ", x.scalar_type(), ", got ",
-              weight.sizes(), ", ", weight.scalar_type());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean", mean}, {"rstd", rstd}}) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == N && t.scalar_type() == stats_dtype(x), "fastgpt::layer_norm_bwd: ",
-                name, " must be (N,) = (", N, ",) in ", stats_dtype(x), ", got ", t.sizes(), ", ", t.scalar_type());
-  }
-  for (const at::Tensor* t : {&grad_y, &weight, &mean, &rstd}) {
-    TORCH_CHECK(t->device().is_cpu(), "fastgpt::layer_norm_bwd: all inputs must be on the CPU, got ", t->device());
-  }
   const at::Tensor dy = grad_y.contiguous(), x_rows = x.contiguous(), w = weight.contiguous();
   const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
   at::Tensor grad_x = at::empty_like(x_rows);  // (N, C)

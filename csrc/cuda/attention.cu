@@ -1,6 +1,6 @@
 // CUDA implementations of fastgpt::attention_fwd / attention_bwd (schemas: csrc/ops.cpp):
-// argument checks, output allocation, and dispatch on dtype and head dim to the kernels
-// of attention_{fwd,bwd}_<dtype>.cu. Everything runs on the current stream without host
+// argument checks (csrc/checks.h), output allocation, and dispatch on dtype and head dim
+// (csrc/cuda/host.h) to the kernels of attention_{fwd,bwd}_<dtype>.cu. Everything runs on the current stream without host
 // synchronisation or allocations outside the caching allocator, so the ops can be
 // captured in CUDA graphs.
 #include <ATen/core/Tensor.h>
@@ -17,34 +17,21 @@
 #include <optional>
 #include <tuple>
 
+#include "checks.h"
 #include "cuda/attention.h"
-#include "cuda/host.h"
 #include "cuda/device_checks.h"
+#include "cuda/host.h"
 
 namespace fastgpt::cuda {
 namespace {
 
-void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const std::optional<at::Tensor>& key_padding_mask) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "fastgpt attention: q (B, H, Tq, D), k and v (B, H, Tk, D) must be 4-D, got ", q.sizes(), ", ",
-              k.sizes(), ", ", v.sizes());
-  TORCH_CHECK(k.sizes() == v.sizes(), "fastgpt attention: k and v must have the same shape, got ", k.sizes(),
-              " and ", v.sizes());
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
-              "fastgpt attention: q and k, v must agree in B, H and D, got ", q.sizes(), " and ", k.sizes());
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "fastgpt attention: q, k, v must share one dtype");
-  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(),
-              "fastgpt attention: q, k, v must be on one CUDA device");
-  TORCH_CHECK(q.size(2) < 65535LL * 64, "fastgpt CUDA attention: Tq too large for the launch grid");
-  if (key_padding_mask.has_value()) {
-    const at::Tensor& mask = *key_padding_mask;
-    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == k.size(0) &&
-                    mask.size(1) == k.size(2) && mask.device() == q.device(),
-                "fastgpt attention: key_padding_mask must be a bool (B, Tk) tensor on the device of q, got ",
-                mask.scalar_type(), " ", mask.sizes());
-  }
+// csrc/checks.h, plus what only the CUDA kernels need.
+void check_cuda_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& key_padding_mask, double dropout_p) {
+  check_attention_inputs(op, q, k, v, key_padding_mask, dropout_p);
+  TORCH_CHECK(q.is_cuda(), op, ": q, k and v must be CUDA tensors, got ", q.device());
+  TORCH_CHECK(q.size(2) < 65535LL * 64, op, ": Tq must be below ", 65535LL * 64, " (the launch grid), got ",
+              q.size(2));
 }
 
 // A (B, H, T, D) tensor as the kernels read it: the last dim contiguous and every row
@@ -65,8 +52,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
                                                       const at::Tensor& v,
                                                       const std::optional<at::Tensor>& key_padding_mask,
                                                       bool causal, double scale, double dropout_p, int64_t seed) {
-  check_attention_inputs(q, k, v, key_padding_mask);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "fastgpt attention: dropout_p must be in [0, 1), got ", dropout_p);
+  check_cuda_inputs("fastgpt::attention_fwd", q, k, v, key_padding_mask, dropout_p);
   const c10::cuda::CUDAGuard guard(q.device());
   check_compute_capability();
   const AttentionLauncher launcher = pick_attention_launcher(/*forward=*/true, q.scalar_type(), q.size(3));
@@ -93,18 +79,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
     double dropout_p, int64_t seed) {
-  check_attention_inputs(q, k, v, key_padding_mask);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-              "fastgpt attention backward: grad_out and out must have the shape of q ", q.sizes(), ", got ",
-              grad_out.sizes(), " and ", out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "fastgpt attention backward: grad_out and out must have the dtype of q");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == q.size(0) &&
-                  lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
-              "fastgpt attention backward: lse must be float32 (B, H, Tq), got ", lse.scalar_type(), " ",
-              lse.sizes());
-  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
-              "fastgpt attention backward: all tensors must be on the device of q");
+  check_cuda_inputs("fastgpt::attention_bwd", q, k, v, key_padding_mask, dropout_p);
+  check_attention_bwd_inputs("fastgpt::attention_bwd", grad_out, q, out, lse);
   const c10::cuda::CUDAGuard guard(q.device());
   check_compute_capability();
   const AttentionLauncher launcher = pick_attention_launcher(/*forward=*/false, q.scalar_type(), q.size(3));

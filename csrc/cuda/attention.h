@@ -42,8 +42,17 @@ struct AttentionParams {
   void* grad_v;           // (B, H, Tk, D) contiguous
 };
 
-// Defined in attention_{fwd,bwd}_<dtype>.cu for Element in {__half, __nv_bfloat16,
-// float} and kHeadDim in {16, 32, 64, 128}. They launch on `stream` and never sync.
+// The head dims the kernels are compiled for, the one list on the C++ side: X(Element, D) is
+// expanded for each (fastgpt/backends.py declares the `cuda` backend's head dims; tests/test_cuda.py
+// checks the two agree).
+#define FASTGPT_ATTENTION_HEAD_DIMS(X, Element) X(Element, 16) X(Element, 32) X(Element, 64) X(Element, 128)
+
+#define FASTGPT_ATTENTION_HEAD_DIM_ITEM(Element, D) D,
+inline constexpr int kAttentionHeadDims[] = {FASTGPT_ATTENTION_HEAD_DIMS(FASTGPT_ATTENTION_HEAD_DIM_ITEM, )};
+#undef FASTGPT_ATTENTION_HEAD_DIM_ITEM
+
+// Defined in attention_{fwd,bwd}_<dtype>.cu for Element in {__half, __nv_bfloat16, float} and
+// every head dim above (FASTGPT_INSTANTIATE_ATTENTION_FWD / _BWD). They launch on `stream` and never sync.
 template <typename Element, int kHeadDim>
 void launch_attention_fwd(const AttentionParams& params, cudaStream_t stream);
 template <typename Element, int kHeadDim>
@@ -54,13 +63,13 @@ using AttentionLauncher = void (*)(const AttentionParams&, cudaStream_t);
 // The instantiation for a runtime head dim; nullptr for one that is not compiled.
 template <typename Element>
 AttentionLauncher attention_launcher_for(bool forward, int64_t head_dim) {
+#define FASTGPT_ATTENTION_LAUNCHER_CASE(Element, D) \
+  case D: return forward ? launch_attention_fwd<Element, D> : launch_attention_bwd<Element, D>;
   switch (head_dim) {
-    case 16: return forward ? launch_attention_fwd<Element, 16> : launch_attention_bwd<Element, 16>;
-    case 32: return forward ? launch_attention_fwd<Element, 32> : launch_attention_bwd<Element, 32>;
-    case 64: return forward ? launch_attention_fwd<Element, 64> : launch_attention_bwd<Element, 64>;
-    case 128: return forward ? launch_attention_fwd<Element, 128> : launch_attention_bwd<Element, 128>;
+    FASTGPT_ATTENTION_HEAD_DIMS(FASTGPT_ATTENTION_LAUNCHER_CASE, Element)
     default: return nullptr;
   }
+#undef FASTGPT_ATTENTION_LAUNCHER_CASE
 }
 
 }  // namespace fastgpt::cuda

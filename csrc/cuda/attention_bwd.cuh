@@ -267,3 +267,10 @@ void launch_attention_bwd(const AttentionParams& params, cudaStream_t stream) {
 }
 
 }  // namespace fastgpt::cuda
+
+// The whole of attention_bwd_<dtype>.cu: launch_attention_bwd<Element, D> for every head dim
+// of attention.h, one dtype per file so that the CUDA build is parallel and incremental.
+#define FASTGPT_INSTANTIATE_ATTENTION_BWD_ONE(Element, D) \
+  template void launch_attention_bwd<Element, D>(const AttentionParams&, cudaStream_t);
+#define FASTGPT_INSTANTIATE_ATTENTION_BWD(Element) \
+  namespace fastgpt::cuda { FASTGPT_ATTENTION_HEAD_DIMS(FASTGPT_INSTANTIATE_ATTENTION_BWD_ONE, Element) }

@@ -1,10 +1,3 @@
-// Attention forward kernels for __half (tensor cores), every supported head dim.
-// One instantiation group per file so the CUDA build is parallel and incremental.
+// Attention forward kernels, float16, tensor cores (one dtype per file: see attention_fwd.cuh).
 #include "cuda/attention_fwd.cuh"
-
-namespace fastgpt::cuda {
-template void launch_attention_fwd<__half, 16>(const AttentionParams&, cudaStream_t);
-template void launch_attention_fwd<__half, 32>(const AttentionParams&, cudaStream_t);
-template void launch_attention_fwd<__half, 64>(const AttentionParams&, cudaStream_t);
-template void launch_attention_fwd<__half, 128>(const AttentionParams&, cudaStream_t);
-}  // namespace fastgpt::cuda
+FASTGPT_INSTANTIATE_ATTENTION_FWD(__half)

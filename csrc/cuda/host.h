@@ -1,16 +1,28 @@
 // Host-side glue between torch tensors and the kernels, shared by the extension's wrappers
 // (attention.cu, layer_norm.cu) and the CPU emulator of the kernels (emulator/emulator.cpp),
-// so both pick the same instantiations and hand them exactly the same parameters.
+// so both pick the same instantiations, hand them exactly the same parameters and allocate
+// the same outputs and scratch. Argument checks are not here: csrc/checks.h (the wrappers).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "cuda/attention.h"
+#include "cuda/layer_norm.cuh"
 
 namespace fastgpt::cuda {
 
@@ -21,16 +33,24 @@ void dispatch_element_type(at::ScalarType dtype, const char* op, Fn&& fn) {
     case at::kHalf: return fn(__half{});
     case at::kBFloat16: return fn(__nv_bfloat16{});
     case at::kFloat: return fn(float{});
-    default: TORCH_CHECK(false, "fastgpt CUDA ", op, " supports float16, bfloat16 and float32, got ", dtype);
+    default: TORCH_CHECK(false, op, ": dtype must be float16, bfloat16 or float32 (the CUDA kernels), got ", dtype);
   }
 }
 
+// "16, 32, 64 or 128": the compiled head dims of attention.h, for error messages.
+inline std::string attention_head_dims_text() {
+  const std::vector<int> dims(std::begin(kAttentionHeadDims), std::end(kAttentionHeadDims) - 1);
+  return c10::Join(", ", dims) + " or " + std::to_string(kAttentionHeadDims[std::size(kAttentionHeadDims) - 1]);
+}
+
 inline AttentionLauncher pick_attention_launcher(bool forward, at::ScalarType dtype, int64_t head_dim) {
+  const char* op = forward ? "fastgpt::attention_fwd" : "fastgpt::attention_bwd";
   AttentionLauncher launcher = nullptr;
-  dispatch_element_type(dtype, "attention", [&](auto element) {
+  dispatch_element_type(dtype, op, [&](auto element) {
     launcher = attention_launcher_for<decltype(element)>(forward, head_dim);
   });
-  TORCH_CHECK(launcher != nullptr, "fastgpt CUDA attention supports head dims 16, 32, 64 and 128, got ", head_dim);
+  TORCH_CHECK(launcher != nullptr, op, ": head dim must be ", attention_head_dims_text(),
+              " (the compiled CUDA kernels), got ", head_dim);
   return launcher;
 }
 
@@ -67,6 +87,64 @@ inline void set_attention_backward_params(AttentionParams& p, const at::Tensor& 
   p.delta = delta.data_ptr<float>();
   p.grad_q_accum = grad_q_accum.data_ptr<float>();
   p.grad_q = grad_q.data_ptr(), p.grad_k = grad_k.data_ptr(), p.grad_v = grad_v.data_ptr();
+}
+
+// ---- layer norm
+
+// x (N, C), weight, bias (C,) contiguous in one dtype -> y (N, C) contiguous, mean, rstd (N,)
+// float32, launched on `stream`.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> run_layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                                         const at::Tensor& bias, double eps,
+                                                                         cudaStream_t stream) {
+  const int64_t N = x.size(0);
+  at::Tensor y = at::empty_like(x);                                // (N, C)
+  at::Tensor mean = at::empty({N}, x.options().dtype(at::kFloat));  // (N,)
+  at::Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));  // (N,)
+  if (N == 0) return {y, mean, rstd};
+  LayerNormParams p{};
+  p.x = x.data_ptr(), p.weight = weight.data_ptr(), p.bias = bias.data_ptr(), p.y = y.data_ptr();
+  p.mean = mean.data_ptr<float>(), p.rstd = rstd.data_ptr<float>();
+  p.rows = N, p.cols = int(x.size(1)), p.eps = float(eps);
+  dispatch_element_type(x.scalar_type(), "fastgpt::layer_norm_fwd",
+                        [&](auto element) { launch_layer_norm_fwd<decltype(element)>(p, stream); });
+  return {y, mean, rstd};
+}
+
+// grad_y, x (N, C), weight (C,) contiguous, mean, rstd (N,) float32 contiguous -> grad_x (N, C),
+// grad_weight, grad_bias (C,), launched on `stream` with at most `max_blocks` row blocks. The
+// scratch of per-block partial sums comes from torch (on a GPU the caching allocator, which
+// reuses it only after the kernels queued on the stream); what the kernels overwrite entirely
+// is allocated uninitialised, or filled with `scratch_fill` (the emulator fills NaN, so that a
+// kernel that does not overwrite it shows).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> run_layer_norm_bwd(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t max_blocks, cudaStream_t stream, std::optional<float> scratch_fill = std::nullopt) {
+  const int64_t N = x.size(0), C = x.size(1);
+  at::Tensor grad_x = at::empty_like(x);             // (N, C)
+  at::Tensor grad_weight = at::empty_like(weight);   // (C,)
+  at::Tensor grad_bias = at::empty_like(weight);     // (C,)
+  if (N == 0) {
+    grad_weight.zero_(), grad_bias.zero_();
+    return {grad_x, grad_weight, grad_bias};
+  }
+  LayerNormParams p{};
+  p.x = x.data_ptr(), p.weight = weight.data_ptr(), p.grad_y = grad_y.data_ptr(), p.grad_x = grad_x.data_ptr();
+  p.mean = mean.data_ptr<float>(), p.rstd = rstd.data_ptr<float>();
+  p.grad_weight = grad_weight.data_ptr(), p.grad_bias = grad_bias.data_ptr();
+  p.rows = N, p.cols = int(C);
+  dispatch_element_type(x.scalar_type(), "fastgpt::layer_norm_bwd", [&](auto element) {
+    using Element = decltype(element);
+    const RowShape shape = row_shape<Element>(p);
+    const int64_t rows_per_block = shape == RowShape::kWarp ? kLayerNormThreads / 32 : 1;
+    p.partial_rows = int(std::min<int64_t>(max_blocks, (N + rows_per_block - 1) / rows_per_block));
+    const auto options = x.options().dtype(at::kFloat);
+    at::Tensor partial = shape == RowShape::kGeneric ? at::zeros({p.partial_rows, 2, C}, options)  // accumulated
+                         : scratch_fill.has_value() ? at::full({p.partial_rows, 2, C}, *scratch_fill, options)
+                                                    : at::empty({p.partial_rows, 2, C}, options);
+    p.partial = partial.data_ptr<float>();  // (partial_rows, 2, C)
+    launch_layer_norm_bwd<Element>(p, stream);
+  });
+  return {grad_x, grad_weight, grad_bias};
 }
 
 }  // namespace fastgpt::cuda

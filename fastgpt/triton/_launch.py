@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 import triton
 
+from .. import backends
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 SHORTEST_BUCKET, LONGEST_BUCKET = 16, 16384
@@ -51,8 +53,9 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def check_device(t: torch.Tensor, op: str) -> None:
-    """Triton kernels run on CUDA tensors, or on CPU tensors in the interpreter only."""
-    torch._check(t.is_cuda or (INTERPRET and t.device.type == "cpu"),
-                 lambda: f"fastgpt triton {op}: tensors on {t.device} cannot run here "
-                         f"(CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before import)")
+def check_capabilities(op: str, kind: str, t: torch.Tensor, head_dim: int | None = None) -> None:
+    """The safety net of the operator fastgpt::<op> (fastgpt.ops validates the public API first):
+    the `triton` backend must run `kind` ("attention" / "layer_norm") on t's device and dtype,
+    as fastgpt/backends.py declares."""
+    why = backends.refusal("triton", kind, t.device, t.dtype, head_dim)
+    torch._check(why is None, lambda: f"fastgpt::{op}: {why}")

@@ -13,7 +13,7 @@
 // The kernels, compiled for the host against the shim:
 #include "cuda/attention_bwd.cuh"
 #include "cuda/attention_fwd.cuh"
-#include "cuda/layer_norm_kernels.cuh"
+#include "cuda/layer_norm.cuh"
 #include "cuda/host.h"
 
 namespace fastgpt::cuda {
@@ -72,42 +72,24 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& grad_out_in, const at::T
 
 std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                        double eps, bool reverse_order, bool copy_at_wait) {
-  at::Tensor y = at::empty_like(x), mean = at::empty({x.size(0)}, x.options().dtype(at::kFloat)),
-             rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   configure(reverse_order, copy_at_wait, {&x, &weight, &bias});
-  LayerNormParams p{};
-  p.x = x.data_ptr(), p.weight = weight.data_ptr(), p.bias = bias.data_ptr(), p.y = y.data_ptr();
-  p.mean = mean.data_ptr<float>(), p.rstd = rstd.data_ptr<float>();
-  p.rows = x.size(0), p.cols = int(x.size(1)), p.eps = float(eps);
-  dispatch_element_type(x.scalar_type(), "layer norm",
-                        [&](auto element) { launch_layer_norm_fwd<decltype(element)>(p, nullptr); });
+  auto [y, mean, rstd] = run_layer_norm_fwd(x, weight, bias, eps, nullptr);
   return {y, mean, rstd};
 }
 
 // `blocks`: the backward's grid (layer_norm.cu uses two per SM), small here so that
-// every block walks several rows.
+// every block walks several rows. Scratch the kernels must overwrite starts as NaN: it shows if they do not.
 std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                                        const at::Tensor& mean, const at::Tensor& rstd, int64_t blocks,
                                        bool reverse_order, bool copy_at_wait) {
-  at::Tensor grad_x = at::empty_like(x), grad_weight = at::empty_like(weight), grad_bias = at::empty_like(weight);
   configure(reverse_order, copy_at_wait, {&x, &grad_y, &weight});
-  LayerNormParams p{};
-  p.x = x.data_ptr(), p.weight = weight.data_ptr(), p.grad_y = grad_y.data_ptr(), p.grad_x = grad_x.data_ptr();
-  p.mean = mean.data_ptr<float>(), p.rstd = rstd.data_ptr<float>();
-  p.grad_weight = grad_weight.data_ptr(), p.grad_bias = grad_bias.data_ptr();
-  p.rows = x.size(0), p.cols = int(x.size(1));
-  dispatch_element_type(x.scalar_type(), "layer norm", [&](auto element) {
-    using Element = decltype(element);
-    const int64_t rows_per_block = row_shape<Element>(p) == RowShape::kWarp ? kLayerNormThreads / 32 : 1;
-    p.partial_rows = int(std::min<int64_t>(blocks, (p.rows + rows_per_block - 1) / rows_per_block));
-    // Garbage, not zeros, where the kernel must overwrite everything: it shows if it does not.
-    at::Tensor partial = row_shape<Element>(p) == RowShape::kGeneric
-                             ? at::zeros({p.partial_rows, 2, p.cols}, x.options().dtype(at::kFloat))
-                             : at::full({p.partial_rows, 2, p.cols}, NAN, x.options().dtype(at::kFloat));
-    p.partial = partial.data_ptr<float>();
-    launch_layer_norm_bwd<Element>(p, nullptr);
-  });
+  auto [grad_x, grad_weight, grad_bias] = run_layer_norm_bwd(grad_y, x, weight, mean, rstd, blocks, nullptr, NAN);
   return {grad_x, grad_weight, grad_bias};
+}
+
+// The head dims attention.h compiles (tests/test_cuda.py compares them with fastgpt/backends.py).
+std::vector<int64_t> attention_head_dims() {
+  return std::vector<int64_t>(std::begin(kAttentionHeadDims), std::end(kAttentionHeadDims));
 }
 
 }  // namespace
@@ -118,4 +100,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bwd", &fastgpt::cuda::attention_bwd);
   m.def("layer_norm_fwd", &fastgpt::cuda::layer_norm_fwd);
   m.def("layer_norm_bwd", &fastgpt::cuda::layer_norm_bwd);
+  m.def("attention_head_dims", &fastgpt::cuda::attention_head_dims);
 }

@@ -11,7 +11,8 @@ Algorithm (Dao, "FlashAttention-2", 2023), per (batch, head):
 - backward: a pre-pass computes delta_i = Σ_d dO[i, d] · O[i, d] (= Σ_j P̃_ij dP̃_ij, also
   under dropout); then one kernel owns a key tile and accumulates dK, dV over the
   query tiles that see it, and another owns a query tile and accumulates dQ over its
-  key tiles. No atomics, no (Tq, Tk) matrix in memory.
+  key tiles (one kernel, _attention_bwd_kernel, with a DQ_PASS switch: the two passes share
+  their arguments and prologue). No atomics, no (Tq, Tk) matrix in memory.
 
 Masking is split so that most tiles skip it: the key tiles that every row of a query
 tile sees entirely (below the causal diagonal, inside Tk) run without any masking;
@@ -39,9 +40,9 @@ to tiles no larger than the bucketed lengths (so decoding with Tq = 1 uses BLOCK
   backward dQ     (128, 32, 4, 3) (128, 64, 8, 3) (64, 64, 4, 3) (64, 32, 4, 2) (16, 64, 4, 2)
 Under TRITON_INTERPRET=1 (CPU tests) one config each: forward and dQ (32, 16), dK/dV (16, 32).
 
-Head dims 16, 32, 64, 128 (a power of two >= 16: tl.dot's minimum); float16, bfloat16
-and float32 (float32 matmuls in IEEE precision, not TF32, to stay within float32
-tolerances). Inputs may have any strides; outputs are contiguous.
+The head dims and dtypes it takes are declared with the `triton` backend in fastgpt/backends.py
+(tl.dot needs power-of-two head dims of at least 16); float32 matmuls run in IEEE precision,
+not TF32, to stay within float32 tolerances. Inputs may have any strides; outputs are contiguous.
 """
 import math
 from typing import Optional
@@ -56,7 +57,6 @@ from ._launch import config
 
 LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
 LN2: tl.constexpr = tl.constexpr(math.log(2.0))
-HEAD_DIMS = (16, 32, 64, 128)
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension, which holds B * H
 
 TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL"]
@@ -296,56 +296,6 @@ def _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
     return dk, dv
 
 
-@_launch.autotune(DKDV_CONFIGS, DKDV_INTERPRETER_CONFIG, key=TUNING_KEY, prune=_prune_to_lengths)
-@triton.jit
-def _attention_bwd_dkdv_kernel(
-        q_ptr, k_ptr, v_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-        stride_qb, stride_qh, stride_qm, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd,
-        stride_kpmb, stride_kpmn,
-        stride_dob, stride_doh, stride_dom, stride_dod,
-        H, Tq, Tk, sm_scale, qk_scale, dropout_p, keep_scale, seed, Q_BUCKET, K_BUCKET,
-        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # q, do (B, H, Tq, D), k, v (B, H, Tk, D) any strides; lse, delta (B, H, Tq) float32;
-    # dk, dv (B, H, Tk, D) contiguous. Grid (cdiv(Tk, BLOCK_N), B * H).
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    start_n = tl.program_id(0) * BLOCK_N  # under causal masking the first key tiles have the most queries
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    key_ok = (offs_n < Tk)[:, None]
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=key_ok, other=0.0)  # (BLOCK_N, HEAD_DIM)
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=key_ok, other=0.0)  # (BLOCK_N, HEAD_DIM)
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    do_base = do_ptr + b * stride_dob + h * stride_doh
-    lse_row = lse_ptr + bh * Tq
-    delta_row = delta_ptr + bh * Tq
-    kpm_row = kpm_ptr + b * stride_kpmb if HAS_KPM else kpm_ptr
-    seed64 = _philox_key(seed, bh)
-
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    lo, full_start = _query_tile_ranges(start_n, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
-    dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, kpm_row,
-                                       stride_qm, stride_qd, stride_dom, stride_dod, stride_kpmn,
-                                       offs_n, offs_d, lo, tl.minimum(full_start, Tq), Tq, Tk, qk_scale,
-                                       dropout_p, keep_scale, seed64,
-                                       CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_M)
-    dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, kpm_row,
-                                       stride_qm, stride_qd, stride_dom, stride_dod, stride_kpmn,
-                                       offs_n, offs_d, full_start, Tq, Tq, Tk, qk_scale,
-                                       dropout_p, keep_scale, seed64,
-                                       CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_M)
-    out_offsets = (bh * Tk + offs_n)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-    tl.store(dk_ptr + out_offsets, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=key_ok)
-    tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=key_ok)
-
-
 @triton.jit
 def _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
                             stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
@@ -375,10 +325,11 @@ def _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
     return dq
 
 
-@_launch.autotune(DQ_CONFIGS, DQ_INTERPRETER_CONFIG, key=TUNING_KEY, prune=_prune_to_lengths)
+
+
 @triton.jit
-def _attention_bwd_dq_kernel(
-        q_ptr, k_ptr, v_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+def _attention_bwd_kernel(
+        q_ptr, k_ptr, v_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
@@ -386,59 +337,100 @@ def _attention_bwd_dq_kernel(
         stride_dob, stride_doh, stride_dom, stride_dod,
         H, Tq, Tk, sm_scale, qk_scale, dropout_p, keep_scale, seed, Q_BUCKET, K_BUCKET,
         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # As _attention_bwd_dkdv_kernel; dq (B, H, Tq, D) contiguous. Grid (cdiv(Tq, BLOCK_M), B * H).
+        DOT_PRECISION: tl.constexpr, DQ_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # q, do (B, H, Tq, D), k, v (B, H, Tk, D) any strides; lse, delta (B, H, Tq) float32;
+    # dq (B, H, Tq, D), dk, dv (B, H, Tk, D) contiguous. The two passes share this signature and
+    # the per-head prologue; each writes only its own outputs:
+    #   DQ_PASS False: a program owns a key tile, accumulates its dK, dV. Grid (cdiv(Tk, BLOCK_N), B * H).
+    #   DQ_PASS True:  a program owns a query tile, accumulates its dQ.   Grid (cdiv(Tq, BLOCK_M), B * H).
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Tq
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
-    lse2 = _load_lse2(lse_ptr + bh * Tq, offs_m, Tq)  # (BLOCK_M,)
-    delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
+    do_base = do_ptr + b * stride_dob + h * stride_doh
+    lse_row = lse_ptr + bh * Tq
+    delta_row = delta_ptr + bh * Tq
     kpm_row = kpm_ptr + b * stride_kpmb if HAS_KPM else kpm_ptr
     seed64 = _philox_key(seed, bh)
 
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full_end, end = _key_tile_ranges(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
-                                 stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                                 offs_m, offs_d, 0, full_end, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64,
-                                 CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_N)
-    dq = _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
-                                 stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                                 offs_m, offs_d, full_end, end, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64,
-                                 CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_N)
-    tl.store(dq_ptr + (bh * Tq + offs_m)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
-             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if DQ_PASS:
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the busiest query tiles first
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Tq
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+        lse2 = _load_lse2(lse_row, offs_m, Tq)  # (BLOCK_M,)
+        delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        full_end, end = _key_tile_ranges(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+        dq = _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
+                                     stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
+                                     offs_m, offs_d, 0, full_end, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64,
+                                     CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_N)
+        dq = _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
+                                     stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
+                                     offs_m, offs_d, full_end, end, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64,
+                                     CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_N)
+        tl.store(dq_ptr + (bh * Tq + offs_m)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                 (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        start_n = tl.program_id(0) * BLOCK_N  # under causal masking the first key tiles have the most queries
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = (offs_n < Tk)[:, None]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=key_ok, other=0.0)  # (BLOCK_N, HEAD_DIM)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=key_ok, other=0.0)  # (BLOCK_N, HEAD_DIM)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        lo, full_start = _query_tile_ranges(start_n, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+        dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, kpm_row,
+                                           stride_qm, stride_qd, stride_dom, stride_dod, stride_kpmn,
+                                           offs_n, offs_d, lo, tl.minimum(full_start, Tq), Tq, Tk, qk_scale,
+                                           dropout_p, keep_scale, seed64,
+                                           CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_M)
+        dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, kpm_row,
+                                           stride_qm, stride_qd, stride_dom, stride_dod, stride_kpmn,
+                                           offs_n, offs_d, full_start, Tq, Tq, Tk, qk_scale,
+                                           dropout_p, keep_scale, seed64,
+                                           CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_M)
+        out_offsets = (bh * Tk + offs_n)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+        tl.store(dk_ptr + out_offsets, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=key_ok)
+        tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=key_ok)
+
+
+# The two passes, each autotuned over its own tiles (Triton compiles each DQ_PASS apart).
+_attention_bwd_dkdv_kernel = _launch.autotune(DKDV_CONFIGS, DKDV_INTERPRETER_CONFIG, key=TUNING_KEY,
+                                              prune=_prune_to_lengths)(_attention_bwd_kernel)
+_attention_bwd_dq_kernel = _launch.autotune(DQ_CONFIGS, DQ_INTERPRETER_CONFIG, key=TUNING_KEY,
+                                            prune=_prune_to_lengths)(_attention_bwd_kernel)
+
 
 
 # ----------------------------------------------------------------------------- host side
 
-def _launch_args(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
-    """The arguments every attention kernel shares, after cheap precondition checks."""
+def _launch_args(op, q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
+    """The arguments every attention kernel shares: (pointers, strides, scalars), after the
+    `triton` backend's declared capabilities (fastgpt/backends.py) are checked as a safety net."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    _launch.check_device(q, "attention")
-    torch._check(D in HEAD_DIMS, lambda: f"fastgpt triton attention: head dim {D} not in {HEAD_DIMS}")
-    torch._check(B * H <= MAX_GRID_Y, lambda: f"fastgpt triton attention: B * H = {B * H} exceeds {MAX_GRID_Y}")
+    _launch.check_capabilities(op, "attention", q, head_dim=D)
+    torch._check(B * H <= MAX_GRID_Y, lambda: f"fastgpt::{op}: B * H must be at most {MAX_GRID_Y} (the launch "
+                                              f"grid), got {B * H}")
     torch._check(k.shape == v.shape and k.shape[:2] == q.shape[:2] and k.shape[3] == D,
-                 lambda: f"fastgpt triton attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    torch._check(not (q.device.type == "cpu" and q.dtype == torch.bfloat16),
-                 lambda: "fastgpt triton attention: Triton's interpreter has no bfloat16 tl.dot (it returns wrong "
-                         "numbers): use float16 or float32 on CPU tensors, bfloat16 on a GPU")
+                 lambda: f"fastgpt::{op}: q (B, H, Tq, D), k and v (B, H, Tk, D) must agree, "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     torch._check(q.dtype == k.dtype == v.dtype,
-                 lambda: f"fastgpt triton attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+                 lambda: f"fastgpt::{op}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     torch._check(key_padding_mask is None or (key_padding_mask.dtype == torch.bool
                                               and key_padding_mask.shape == (B, Tk)),
-                 lambda: f"fastgpt triton attention: key_padding_mask must be bool (B, Tk) = ({B}, {Tk})")
+                 lambda: f"fastgpt::{op}: key_padding_mask must be bool (B, Tk) = ({B}, {Tk}), "
+                         f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
     # bool (B, Tk) read as bytes: Triton loads uint8 more portably than i1.
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
     kpm_strides = kpm.stride() if kpm is not None else (0, 0)
@@ -458,7 +450,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     """q (B, H, Tq, D), k, v (B, H, Tk, D), key_padding_mask bool (B, Tk) or None
     -> out (B, H, Tq, D) contiguous in q's dtype, lse (B, H, Tq) float32 (natural log)."""
     B, H, Tq, D = q.shape
-    pointers, strides, scalars = _launch_args(q, k, v, key_padding_mask, causal, scale, dropout_p, seed)
+    pointers, strides, scalars = _launch_args("triton_attention_fwd", q, k, v, key_padding_mask, causal, scale,
+                                              dropout_p, seed)
     out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)  # (B, H, Tq, D)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)  # (B, H, Tq)
     with _launch.device_guard(q):
@@ -475,38 +468,31 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     grad_k, grad_v (B, H, Tk, D), contiguous in the inputs' dtype."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    pointers, strides, scalars = _launch_args(q, k, v, key_padding_mask, causal, scale, dropout_p, seed)
+    op = "triton_attention_bwd"
+    pointers, strides, scalars = _launch_args(op, q, k, v, key_padding_mask, causal, scale, dropout_p, seed)
     torch._check(grad_out.shape == q.shape and out.shape == q.shape,
-                 lambda: f"fastgpt triton attention_bwd: grad_out and out must have q's shape {tuple(q.shape)}")
+                 lambda: f"fastgpt::{op}: grad_out and out must have q's shape {tuple(q.shape)}, "
+                         f"got {tuple(grad_out.shape)} and {tuple(out.shape)}")
     torch._check(lse.shape == (B, H, Tq) and lse.dtype == torch.float32 and lse.is_contiguous(),
-                 lambda: f"fastgpt triton attention_bwd: lse must be contiguous float32 (B, H, Tq) = ({B}, {H}, {Tq})")
+                 lambda: f"fastgpt::{op}: lse must be contiguous float32 (B, H, Tq) = ({B}, {H}, {Tq}), "
+                         f"got {lse.dtype} {tuple(lse.shape)}")
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)  # (B, H, Tq): rowsum(dO * O)
     grad_q = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)  # (B, H, Tq, D)
     grad_k = torch.empty((B, H, Tk, D), dtype=k.dtype, device=q.device)  # (B, H, Tk, D)
     grad_v = torch.empty((B, H, Tk, D), dtype=v.dtype, device=q.device)  # (B, H, Tk, D)
+    # Both passes take the same arguments (_attention_bwd_kernel's signature).
+    bwd_args = (*pointers, grad_out, lse, delta, grad_q, grad_k, grad_v, *strides, *grad_out.stride())
     with _launch.device_guard(q):
         _attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Tq, HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M)
         _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * H)](
-            *pointers, grad_out, lse, delta, grad_k, grad_v, *strides, *grad_out.stride(),
-            sm_scale=scale, **scalars)
+            *bwd_args, sm_scale=scale, DQ_PASS=False, **scalars)
         _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
-            *pointers, grad_out, lse, delta, grad_q, *strides, *grad_out.stride(),
-            sm_scale=scale, **scalars)
+            *bwd_args, sm_scale=scale, DQ_PASS=True, **scalars)
     return grad_q, grad_k, grad_v
 
 
-def _attention_backward(ctx, grad_out, grad_lse):
-    # lse is internal to fastgpt (nothing differentiates through it), so grad_lse is unused.
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    grad_q, grad_k, grad_v = attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask,
-                                           ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed)
-    return grad_q, grad_k, grad_v, None, None, None, None, None
-
-
-attention_fwd.register_fake(_registration._attention_fwd_fake)
-attention_bwd.register_fake(_registration._attention_bwd_fake)
-attention_fwd.register_autograd(_attention_backward, setup_context=_registration._attention_setup_context)
+_registration.register("attention", impl="triton_")  # fake impls, autograd, double-backward guard
 
 
 def attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed):

@@ -1,5 +1,5 @@
 // Layer norm over the last dim of x (N, C): kernels and their launchers (no torch here:
-// layer_norm.cu checks arguments and allocates).
+// layer_norm.cu checks arguments, host.h allocates and fills LayerNormParams).
 //
 // Forward  y = (x - mean) · rstd · w + b,  rstd = 1 / sqrt(var + eps), float32 statistics.
 // float32 rows far from zero (x = 1e3 + noise) lose the noise when summed as is: the
@@ -344,7 +344,7 @@ __global__ void __launch_bounds__(kLayerNormThreads) layer_norm_bwd_reduce_kerne
 // ---------------------------------------------------------------------------------
 // Launchers (host).
 
-// Which kernel shape serves a row of `cols` elements (see layer_norm_kernels.cuh).
+// Which kernel shape serves a row of `cols` elements (see the top of this file).
 enum class RowShape { kWarp, kBlock, kGeneric };
 
 template <typename Element>

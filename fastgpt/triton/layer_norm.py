@@ -159,8 +159,8 @@ def row_groups(N: int, device: torch.device) -> tuple[int, int]:
     return rows_per_group, triton.cdiv(N, rows_per_group)
 
 
-def _block_c(C: int) -> int:
-    torch._check(C <= MAX_C, lambda: f"fastgpt triton layer_norm keeps a row in registers: C must be <= {MAX_C}, "
+def _block_c(op: str, C: int) -> int:
+    torch._check(C <= MAX_C, lambda: f"fastgpt::{op}: C must be at most {MAX_C} (a row is kept in registers), "
                                      f"got {C}")
     return max(16, triton.next_power_of_2(C))
 
@@ -171,16 +171,18 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     """x (N, C), weight, bias (C,) any strides -> y (N, C) contiguous in x's dtype,
     mean, rstd (N,) float32."""
     N, C = x.shape
-    _launch.check_device(x, "layer_norm")
+    op = "triton_layer_norm_fwd"
+    _launch.check_capabilities(op, "layer_norm", x)
     torch._check(weight.shape == (C,) and bias.shape == (C,),
-                 lambda: f"fastgpt triton layer_norm: weight and bias must have shape (C,) = ({C},)")
+                 lambda: f"fastgpt::{op}: weight and bias must have shape (C,) = ({C},), "
+                         f"got {tuple(weight.shape)} and {tuple(bias.shape)}")
     y = torch.empty((N, C), dtype=x.dtype, device=x.device)  # (N, C)
     mean = torch.empty((N,), dtype=torch.float32, device=x.device)  # (N,)
     rstd = torch.empty((N,), dtype=torch.float32, device=x.device)  # (N,)
     with _launch.device_guard(x):
         _layer_norm_fwd_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_R"]),)](
             x, weight, bias, y, mean, rstd, *x.stride(), weight.stride(0), bias.stride(0), N, C, eps,
-            BLOCK_C=_block_c(C))
+            BLOCK_C=_block_c(op, C))
     return y, mean, rstd
 
 
@@ -190,11 +192,14 @@ def layer_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     """grad_y, x (N, C) any strides, weight (C,), mean, rstd (N,) float32 from layer_norm_fwd
     -> grad_x (N, C) contiguous, grad_weight, grad_bias (C,) in weight's dtype."""
     N, C = x.shape
-    _launch.check_device(x, "layer_norm_bwd")
+    op = "triton_layer_norm_bwd"
+    _launch.check_capabilities(op, "layer_norm", x)
     torch._check(grad_y.shape == (N, C) and weight.shape == (C,),
-                 lambda: f"fastgpt triton layer_norm_bwd: grad_y must be (N, C) = ({N}, {C}), weight (C,)")
+                 lambda: f"fastgpt::{op}: grad_y must be (N, C) = ({N}, {C}) and weight (C,), "
+                         f"got {tuple(grad_y.shape)} and {tuple(weight.shape)}")
     torch._check(all(t.shape == (N,) and t.dtype == torch.float32 and t.is_contiguous() for t in (mean, rstd)),
-                 lambda: f"fastgpt triton layer_norm_bwd: mean and rstd must be contiguous float32 (N,) = ({N},)")
+                 lambda: f"fastgpt::{op}: mean and rstd must be contiguous float32 (N,) = ({N},), "
+                         f"got {mean.dtype} {tuple(mean.shape)} and {rstd.dtype} {tuple(rstd.shape)}")
     rows_per_group, num_groups = row_groups(N, x.device)
     grad_x = torch.empty((N, C), dtype=x.dtype, device=x.device)  # (N, C)
     dw_partial = torch.empty((num_groups, C), dtype=torch.float32, device=x.device)  # (num_groups, C)
@@ -204,22 +209,13 @@ def layer_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     with _launch.device_guard(x):
         _layer_norm_bwd_kernel[(num_groups,)](
             grad_y, x, weight, mean, rstd, grad_x, dw_partial, db_partial,
-            *grad_y.stride(), *x.stride(), weight.stride(0), N, C, rows_per_group, BLOCK_C=_block_c(C))
+            *grad_y.stride(), *x.stride(), weight.stride(0), N, C, rows_per_group, BLOCK_C=_block_c(op, C))
         _sum_groups_kernel[(triton.cdiv(C, SUM_BLOCK_C),)](
             dw_partial, db_partial, grad_weight, grad_bias, num_groups, C, BLOCK_G=SUM_BLOCK_G, BLOCK_C=SUM_BLOCK_C)
     return grad_x, grad_weight, grad_bias
 
 
-def _layer_norm_backward(ctx, grad_y, grad_mean, grad_rstd):
-    # mean and rstd are internal to fastgpt: nothing differentiates through them.
-    x, weight, mean, rstd = ctx.saved_tensors
-    grad_x, grad_weight, grad_bias = layer_norm_bwd(grad_y, x, weight, mean, rstd)
-    return grad_x, grad_weight, grad_bias, None
-
-
-layer_norm_fwd.register_fake(_registration._layer_norm_fwd_fake)
-layer_norm_bwd.register_fake(_registration._layer_norm_bwd_fake)
-layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_registration._layer_norm_setup_context)
+_registration.register("layer_norm", impl="triton_")  # fake impls, autograd, double-backward guard
 
 
 def layer_norm(x, weight, bias, eps):

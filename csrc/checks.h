@@ -1,0 +1,95 @@
+// Argument checks of the fastgpt:: operators (schemas: csrc/ops.cpp), shared by the CPU
+// (csrc/cpu) and CUDA (csrc/cuda) kernels. fastgpt/ops.py validates the public API once,
+// before any kernel runs; these are the safety nets of direct operator calls, in the same
+// message format:  "fastgpt::<op>: <what> must be <expected>, got <actual>".
+// What each backend supports (dtypes, head dims) is declared in fastgpt/backends.py and
+// enforced where the kernels pick their instantiation (csrc/cpu/attention.cpp, csrc/cuda/host.h).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <initializer_list>
+#include <optional>
+#include <utility>
+
+namespace fastgpt {
+
+// q (B, H, Tq, D), k, v (B, H, Tk, D) in one dtype on one device; key_padding_mask bool (B, Tk)
+// on that device or None; dropout_p in [0, 1).
+inline void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const std::optional<at::Tensor>& key_padding_mask, double dropout_p) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+              ": q (B, H, Tq, D), k and v (B, H, Tk, D) must be 4-D, got ", q.sizes(), ", ", k.sizes(), ", ",
+              v.sizes());
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ",
+              v.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3), op,
+              ": q and k, v must agree in B, H and D, got ", q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k and v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k and v must be on one device, got ",
+              q.device(), ", ", k.device(), ", ", v.device());
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& mask = *key_padding_mask;
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == k.size(0) &&
+                    mask.size(1) == k.size(2),
+                op, ": key_padding_mask must be bool (B, Tk) = (", k.size(0), ", ", k.size(2), "), got ",
+                mask.scalar_type(), " ", mask.sizes());
+    TORCH_CHECK(mask.device() == q.device(), op, ": key_padding_mask must be on ", q.device(),
+                " (the device of q), got ", mask.device());
+  }
+}
+
+// The backward's saved tensors: grad_out and out (B, H, Tq, D) like q, lse float32 (B, H, Tq).
+inline void check_attention_bwd_inputs(const char* op, const at::Tensor& grad_out, const at::Tensor& q,
+                                       const at::Tensor& out, const at::Tensor& lse) {
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
+              ": grad_out and out must have the shape of q ", q.sizes(), ", got ", grad_out.sizes(), " and ",
+              out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
+              ": grad_out and out must have the dtype of q (", q.scalar_type(), "), got ", grad_out.scalar_type(),
+              " and ", out.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.sizes() == q.sizes().slice(0, 3), op,
+              ": lse must be float32 (B, H, Tq), got ", lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(), op,
+              ": grad_out, out and lse must be on ", q.device(), " (the device of q), got ", grad_out.device(),
+              ", ", out.device(), ", ", lse.device());
+}
+
+// Layer norm's saved statistics mean, rstd (N,): float32, float64 for float64 x.
+inline at::ScalarType layer_norm_stats_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// x (N, C) with C >= 1; each of `params` (weight, bias) (C,) in the dtype and on the device of x.
+inline void check_layer_norm_inputs(const char* op, const at::Tensor& x,
+                                    std::initializer_list<std::pair<const char*, const at::Tensor*>> params) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, op, ": x must be 2-D (N, C) with C >= 1, got ", x.sizes());
+  for (const auto& [name, t] : params) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), op, ": ", name, " must have shape (C,) = (", x.size(1),
+                ",), got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": ", name, " must be ", x.scalar_type(),
+                " (the dtype of x), got ", t->scalar_type());
+    TORCH_CHECK(t->device() == x.device(), op, ": ", name, " must be on ", x.device(), " (the device of x), got ",
+                t->device());
+  }
+}
+
+// The backward: grad_y like x; mean, rstd (N,) in layer_norm_stats_dtype(x) on x's device.
+inline void check_layer_norm_bwd_inputs(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                                        const at::Tensor& mean, const at::Tensor& rstd) {
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() &&
+                  grad_y.device() == x.device(),
+              op, ": grad_y must have the shape, dtype and device of x (", x.sizes(), ", ", x.scalar_type(), ", ",
+              x.device(), "), got ", grad_y.sizes(), ", ", grad_y.scalar_type(), ", ", grad_y.device());
+  const at::ScalarType stats = layer_norm_stats_dtype(x);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"mean", &mean}, {"rstd", &rstd}}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(0) && t->scalar_type() == stats && t->device() == x.device(),
+                op, ": ", name, " must be (N,) = (", x.size(0), ",) in ", stats, " on ", x.device(), ", got ",
+                t->sizes(), " ", t->scalar_type(), " on ", t->device());
+  }
+}
+
+}  // namespace fastgpt
