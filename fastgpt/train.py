@@ -22,26 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .model import BACKEND_NAMES, GPT2_CONFIGS, GPTModel
+from .backends import BACKEND_NAMES
+from .models import CONFIG_NAMES, GPTModel, model_config
 from .tokenizer import ENDOFTEXT, get_tokenizer
 from .weights import save_checkpoint
-
-# Models small enough to train on a laptop CPU, with the book's keys; GPT-2 sizes are in GPT2_CONFIGS.
-SMALL_CONFIGS = {
-    "tiny": {"vocab_size": 50257, "context_length": 256, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
-             "drop_rate": 0.1, "qkv_bias": False},
-    "small": {"vocab_size": 50257, "context_length": 256, "emb_dim": 256, "n_heads": 4, "n_layers": 4,
-              "drop_rate": 0.1, "qkv_bias": False},
-}
-CONFIG_NAMES = tuple(SMALL_CONFIGS) + tuple(GPT2_CONFIGS)
-
-
-def model_config(name: str, **overrides) -> dict:
-    """The config called `name` (tiny, small, gpt2-small, ...), with some keys replaced."""
-    if name not in CONFIG_NAMES:
-        raise ValueError(f"unknown config {name!r}; expected one of {', '.join(CONFIG_NAMES)}")
-    base = SMALL_CONFIGS.get(name) or GPT2_CONFIGS[name]
-    return {**base, **{key: value for key, value in overrides.items() if value is not None}}
 
 
 class GPTDatasetV1(Dataset):

@@ -3,7 +3,9 @@ state_dict, and fastgpt's own checkpoints (config + state_dict in one file).
 
 Every loader checks the whole state_dict against the model before copying anything:
 a missing or unexpected key, or a shape mismatch, raises a KeyError/ValueError that
-names the key and the expected and actual shapes.
+names the key and the expected and actual shapes. State_dicts in the book's names
+(layer norm scale/shift, as the book's GPTModel and fastgpt checkpoints before 0.2
+have them) load as well as fastgpt's own (weight/bias).
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import os
 
 import torch
 
-from .model import GPTModel, check_config
+from .models import GPTModel, check_config
+from .nn import to_book_state_dict
 
 # Hugging Face GPT-2 settings the book's architecture implements; anything else is refused.
 _HF_REQUIRED = {
@@ -37,8 +40,15 @@ def _tie_output_head(model: GPTModel) -> None:
     model.out_head.weight = model.tok_emb.weight
 
 
+def _expected_state_dict(model: GPTModel, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's state_dict in the names `state_dict` uses: the book's when its final
+    norm is `scale` / `shift`, else fastgpt's (the model's modules load either)."""
+    ours = model.state_dict()
+    return to_book_state_dict(model, ours) if "final_norm.scale" in state_dict else ours
+
+
 def _check_state_dict(model: GPTModel, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
+    expected = _expected_state_dict(model, state_dict)
     missing = [key for key in expected if key not in state_dict]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -119,7 +129,7 @@ def _read_hf_tensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def _convert_hf(model: GPTModel, hf_tensors: dict[str, torch.Tensor], tied: bool, source: str) -> dict:
-    """HF GPT-2 names and layouts -> the book's. HF's Conv1D stores weights as (in, out),
+    """HF GPT-2 names and layouts -> the model's. HF's Conv1D stores weights as (in, out),
     nn.Linear as (out, in), hence the transposes; c_attn holds query, key and value side by side."""
     hf = {key.removeprefix("transformer."): t for key, t in hf_tensors.items()
           if not key.endswith(_HF_IGNORED_SUFFIXES)}
@@ -134,12 +144,12 @@ def _convert_hf(model: GPTModel, hf_tensors: dict[str, torch.Tensor], tied: bool
             raise ValueError(f"{source}: shape mismatch for {key!r}: expected {_shape(shape)}, got {_shape(t.shape)}")
         return t
 
-    def linear(hf_name: str, book_name: str) -> dict:
-        out_features, in_features = expected[f"{book_name}.weight"].shape
-        return {f"{book_name}.weight": take(f"{hf_name}.weight", (in_features, out_features)).t(),
-                f"{book_name}.bias": take(f"{hf_name}.bias", (out_features,))}
+    def linear(hf_name: str, name: str) -> dict:
+        out_features, in_features = expected[f"{name}.weight"].shape
+        return {f"{name}.weight": take(f"{hf_name}.weight", (in_features, out_features)).t(),
+                f"{name}.bias": take(f"{hf_name}.bias", (out_features,))}
 
-    book = {"tok_emb.weight": take("wte.weight", tuple(expected["tok_emb.weight"].shape)),
+    ours = {"tok_emb.weight": take("wte.weight", tuple(expected["tok_emb.weight"].shape)),
             "pos_emb.weight": take("wpe.weight", tuple(expected["pos_emb.weight"].shape))}
     for i in range(model.cfg["n_layers"]):
         h, b = f"h.{i}", f"trf_blocks.{i}"
@@ -147,25 +157,25 @@ def _convert_hf(model: GPTModel, hf_tensors: dict[str, torch.Tensor], tied: bool
         qkv_bias = take(f"{h}.attn.c_attn.bias", (3 * emb,))
         for part, w, bias in zip(("W_query", "W_key", "W_value"), qkv_weight.split(emb, dim=1),
                                  qkv_bias.split(emb)):
-            book[f"{b}.att.{part}.weight"], book[f"{b}.att.{part}.bias"] = w.t(), bias
-        book.update(linear(f"{h}.attn.c_proj", f"{b}.att.out_proj"))
-        book.update(linear(f"{h}.mlp.c_fc", f"{b}.ff.layers.0"))
-        book.update(linear(f"{h}.mlp.c_proj", f"{b}.ff.layers.2"))
-        for hf_norm, book_norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
-            book[f"{b}.{book_norm}.scale"] = take(f"{h}.{hf_norm}.weight", (emb,))
-            book[f"{b}.{book_norm}.shift"] = take(f"{h}.{hf_norm}.bias", (emb,))
-    book["final_norm.scale"] = take("ln_f.weight", (emb,))
-    book["final_norm.shift"] = take("ln_f.bias", (emb,))
+            ours[f"{b}.att.{part}.weight"], ours[f"{b}.att.{part}.bias"] = w.t(), bias
+        ours.update(linear(f"{h}.attn.c_proj", f"{b}.att.out_proj"))
+        ours.update(linear(f"{h}.mlp.c_fc", f"{b}.ff.layers.0"))
+        ours.update(linear(f"{h}.mlp.c_proj", f"{b}.ff.layers.2"))
+        for hf_norm, norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            ours[f"{b}.{norm}.weight"] = take(f"{h}.{hf_norm}.weight", (emb,))
+            ours[f"{b}.{norm}.bias"] = take(f"{h}.{hf_norm}.bias", (emb,))
+    ours["final_norm.weight"] = take("ln_f.weight", (emb,))
+    ours["final_norm.bias"] = take("ln_f.bias", (emb,))
     lm_head = hf.pop("lm_head.weight", None)
     if tied:
-        book["out_head.weight"] = book["tok_emb.weight"]
+        ours["out_head.weight"] = ours["tok_emb.weight"]
     elif lm_head is None:
         raise KeyError(f"{source}: missing key 'lm_head.weight' (config.json says tie_word_embeddings=false)")
     else:
-        book["out_head.weight"] = lm_head
+        ours["out_head.weight"] = lm_head
     if hf:
         raise KeyError(f"{source}: unexpected key {next(iter(hf))!r}; not part of GPT-2")
-    return book
+    return ours
 
 
 def load_gpt2(path: str, backend: str = "auto", dtype: torch.dtype | None = None) -> GPTModel:
@@ -189,8 +199,10 @@ def load_gpt2(path: str, backend: str = "auto", dtype: torch.dtype | None = None
 # ---- the book's state_dict and fastgpt checkpoints ---------------------------------------
 
 def load_book_state_dict(model: GPTModel, state_dict: dict[str, torch.Tensor]) -> GPTModel:
-    """Copies a state_dict of the book's GPTModel into `model` (same names). The book's
-    MultiHeadAttention registers a (T, T) `mask` buffer per block; those are ignored."""
+    """Copies a state_dict of the book's GPTModel into `model` (the book's names: layer norm
+    scale/shift, which land in weight/bias). The book's MultiHeadAttention registers a
+    (T, T) `mask` buffer per block; those are ignored. fastgpt.nn.to_book_state_dict
+    goes the other way."""
     weights = {key: t for key, t in state_dict.items() if not key.endswith(".att.mask")}
     _check_state_dict(model, weights, "book state_dict")
     model.load_state_dict(weights)

@@ -1,4 +1,5 @@
 """GPTModel: the book's architecture and names, backends, training, KV-cache generation."""
+import copy
 import math
 
 import pytest
@@ -6,8 +7,10 @@ import torch
 from checks import assert_close
 from conftest import HAS_GPU, require_backend
 
+import book_model as book
 import fastgpt
-from fastgpt.model import GELU, LayerNorm, MultiHeadAttention
+from fastgpt.models.gpt2 import GELU
+from fastgpt.nn import LayerNorm, MultiHeadAttention
 from fastgpt.reference import layer_norm as reference_layer_norm
 
 # head dim 16: the smallest every fused backend takes.
@@ -70,24 +73,95 @@ def test_configs_are_the_books():
                                               "qkv_bias": False}
 
 
+def test_config_registry_lookup():
+    from fastgpt.models import CONFIG_NAMES, CONFIGS, LAPTOP_CONFIGS, model_config
+
+    assert CONFIG_NAMES == ("tiny", "small", "gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
+    assert CONFIGS == {**LAPTOP_CONFIGS, **fastgpt.GPT2_CONFIGS}
+    assert LAPTOP_CONFIGS["tiny"] == {"vocab_size": 50257, "context_length": 256, "emb_dim": 64, "n_heads": 4,
+                                      "n_layers": 2, "drop_rate": 0.1, "qkv_bias": False}
+    assert LAPTOP_CONFIGS["small"] == {**LAPTOP_CONFIGS["tiny"], "emb_dim": 256, "n_layers": 4}
+    tiny = model_config("tiny", context_length=32, drop_rate=None)  # None: keep the config's value
+    assert tiny == {**LAPTOP_CONFIGS["tiny"], "context_length": 32}
+    tiny["n_layers"] = 99  # a copy: the registry is not changed through it
+    assert model_config("tiny")["n_layers"] == 2 and model_config("gpt2-xl") == fastgpt.GPT2_CONFIGS["gpt2-xl"]
+    with pytest.raises(ValueError, match="unknown config 'gpt2-huge'; expected one of tiny, small, gpt2-small"):
+        model_config("gpt2-huge")
+    with pytest.raises(ValueError, match="unknown keys emb"):
+        model_config("tiny", emb=3)
+    with pytest.raises(ValueError, match=r"emb_dim \(64\) must be divisible by n_heads \(3\)"):
+        model_config("tiny", n_heads=3)
+
+
 def test_state_dict_has_the_books_names_and_no_mask_buffer():
+    """The book's module names; layer norms say weight/bias (torch's names, fastgpt.nn.LayerNorm)."""
     model = tiny_model(qkv_bias=False)
     assert list(model.buffers()) == []  # in particular no (T, T) causal mask
     block = {"att.W_query.weight", "att.W_key.weight", "att.W_value.weight", "att.out_proj.weight",
              "att.out_proj.bias", "ff.layers.0.weight", "ff.layers.0.bias", "ff.layers.2.weight",
-             "ff.layers.2.bias", "norm1.scale", "norm1.shift", "norm2.scale", "norm2.shift"}
-    expected = {"tok_emb.weight", "pos_emb.weight", "final_norm.scale", "final_norm.shift", "out_head.weight"}
+             "ff.layers.2.bias", "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias"}
+    expected = {"tok_emb.weight", "pos_emb.weight", "final_norm.weight", "final_norm.bias", "out_head.weight"}
     expected |= {f"trf_blocks.{i}.{name}" for i in range(TINY["n_layers"]) for name in block}
     assert set(model.state_dict()) == expected
+
+
+def test_blocks_are_fastgpt_nn_modules():
+    """One attention and one layer norm in the house: GPTModel builds fastgpt.nn's."""
+    model = tiny_model()
+    norms = [model.final_norm] + [m for b in model.trf_blocks for m in (b.norm1, b.norm2)]
+    assert all(type(norm) is fastgpt.nn.LayerNorm for norm in norms)
+    assert all(type(block.att) is fastgpt.nn.MultiHeadAttention for block in model.trf_blocks)
+    att = model.trf_blocks[0].att
+    assert (att.num_heads, att.head_dim, att.context_length) == (2, 16, 16)
+    assert isinstance(att.dropout, torch.nn.Dropout) and not att.fused_qkv
+    assert isinstance(fastgpt.models.GPTModel(TINY).new_kv_cache(1)[0], fastgpt.nn.KVCache)
+    assert fastgpt.GPTModel is fastgpt.models.GPTModel is fastgpt.models.gpt2.GPTModel
+
+
+@pytest.mark.parametrize("fused_qkv", [False, True], ids=["separate", "fused"])
+def test_book_state_dict_loads_both_ways_strictly(fused_qkv):
+    """The book's GPTModel (scale/shift, T x T mask buffers) loads strictly into GPTModel, and
+    to_book_state_dict of GPTModel's state_dict loads strictly into the book's GPTModel; the
+    logits agree each way (fused_qkv: the W_qkv variant of every block, split on the way back)."""
+    cfg = book.tiny_config()
+    torch.manual_seed(3)
+    theirs = book.GPTModel(cfg).eval()
+    ours = fastgpt.GPTModel(cfg, backend="naive").eval()
+    if fused_qkv:
+        for block in ours.trf_blocks:
+            block.att = MultiHeadAttention(cfg["emb_dim"], cfg["emb_dim"], cfg["context_length"], 0.0,
+                                           cfg["n_heads"], cfg["qkv_bias"], backend="naive", fused_qkv=True)
+    result = ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert torch.equal(ours.final_norm.weight, theirs.final_norm.scale)
+    assert torch.equal(ours.trf_blocks[1].norm2.bias, theirs.trf_blocks[1].norm2.shift)
+    idx = torch.randint(0, cfg["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        oracle = copy.deepcopy(theirs).double()(idx)
+        assert_close(ours(idx), oracle, what="fastgpt GPTModel with the book's weights")
+
+    converted = fastgpt.nn.to_book_state_dict(ours, context_length=cfg["context_length"])
+    assert set(converted) == set(theirs.state_dict())
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(converted[key], value), key  # masks included: triu(ones(T, T), 1)
+    back = book.GPTModel(cfg).eval()
+    result = back.load_state_dict(converted, strict=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    with torch.no_grad():
+        assert torch.equal(back(idx), theirs(idx))
+    # Without context_length, only the mask buffers are missing.
+    result = book.GPTModel(cfg).load_state_dict(fastgpt.nn.to_book_state_dict(ours), strict=False)
+    assert sorted(result.missing_keys) == [f"trf_blocks.{i}.att.mask" for i in range(cfg["n_layers"])]
+    assert result.unexpected_keys == []
 
 
 def test_layer_norm_and_gelu_are_the_books():
     x = torch.randn(4, 5, 32, dtype=torch.float64)
     norm = LayerNorm(32, backend="naive").double()
     with torch.no_grad():
-        norm.scale.normal_()
-        norm.shift.normal_()
-    assert_close(norm(x), reference_layer_norm(x, norm.scale, norm.shift, 1e-5))
+        norm.weight.normal_()
+        norm.bias.normal_()
+    assert_close(norm(x), reference_layer_norm(x, norm.weight, norm.bias, 1e-5))
     book_gelu = 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
     assert_close(GELU()(x), book_gelu)
 

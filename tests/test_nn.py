@@ -1,4 +1,4 @@
-"""fastgpt.nn: the drop-in LayerNorm / MultiHeadAttention / CausalAttention, and patch().
+"""fastgpt.nn: the drop-in LayerNorm / MultiHeadAttention / CausalAttention (patch() is tests/test_patch.py).
 
 The oracle for a module is the same module of the book (tests/book_model.py), or
 torch.nn.LayerNorm, holding the same weights and run in float64.
@@ -186,3 +186,75 @@ def test_modules_refuse_unknown_backend():
 def test_attention_checks_heads_divide_d_out():
     with pytest.raises(ValueError, match=r"d_out \(10\) must be divisible by num_heads \(4\)"):
         fastgpt.nn.MultiHeadAttention(8, 10, 4, 0.0, 4)
+
+
+# ---------------------------------------------------------------- the book's names, both ways
+
+@pytest.mark.parametrize("fused_qkv", [False, True], ids=["separate", "fused"])
+def test_to_book_state_dict_loads_strictly_into_the_books_modules(fused_qkv):
+    """MultiHeadAttention, CausalAttention and LayerNorm, alone and nested: their state_dicts
+    in the book's names load strictly into the book's classes and compute the same."""
+    model = nn.ModuleDict({
+        "att": fastgpt.nn.MultiHeadAttention(40, 64, 16, 0.0, 4, True, backend="naive", fused_qkv=fused_qkv),
+        "head": fastgpt.nn.CausalAttention(40, 24, 16, 0.0, backend="naive", fused_qkv=fused_qkv),
+        "norm": fastgpt.nn.LayerNorm(40, backend="naive"),
+    })
+    randomise(model, seed=3)
+    converted = fastgpt.nn.to_book_state_dict(model, context_length=16)
+    assert {k for k in converted if k.startswith("norm.")} == {"norm.scale", "norm.shift"}
+    assert not any("W_qkv" in k for k in converted)
+    mask = torch.ones(16, 16).triu(diagonal=1)
+    assert torch.equal(converted["att.mask"], mask) and torch.equal(converted["head.mask"], mask)
+    theirs = nn.ModuleDict({"att": book.MultiHeadAttention(40, 64, 16, 0.0, 4, qkv_bias=True),
+                            "head": book.CausalAttention(40, 24, 16, 0.0),
+                            "norm": book.LayerNorm(40)})
+    result = theirs.load_state_dict(converted, strict=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    x = torch.randn(2, 9, 40)
+    for name in ("att", "head", "norm"):
+        assert_close(model[name](x), float64_copy(theirs[name])(x.double()), what=name)
+    # And back: the book's state_dict loads strictly into the fastgpt modules, to the same weights.
+    again = copy.deepcopy(model)
+    randomise(again, seed=4)
+    again.load_state_dict(theirs.state_dict(), strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
+def test_to_book_state_dict_renames_only_fastgpt_layer_norms():
+    model = nn.Sequential(fastgpt.nn.LayerNorm(8), nn.LayerNorm(8), nn.Linear(8, 8))
+    converted = fastgpt.nn.to_book_state_dict(model)
+    assert list(converted) == ["0.scale", "0.shift", "1.weight", "1.bias", "2.weight", "2.bias"]
+    assert torch.equal(converted["0.scale"], model[0].weight) and torch.equal(converted["1.weight"], model[1].weight)
+    state = model.state_dict()
+    given = {key: torch.zeros_like(value) for key, value in state.items()}  # an explicit state_dict is used
+    assert torch.equal(fastgpt.nn.to_book_state_dict(model, given)["0.shift"], torch.zeros(8))
+
+
+# ---------------------------------------------------------------- KV cache
+
+@pytest.mark.parametrize("fused_qkv", [False, True], ids=["separate", "fused"])
+def test_kv_cache_decoding_equals_the_full_forward(backend, fused_qkv):
+    """Prefill 6 tokens, then one token at a time (Tq = 1 < Tk, bottom-right causal): the
+    outputs are the full causal forward's, which is the book's module's."""
+    theirs = book_mha()
+    ours = fastgpt.nn.MultiHeadAttention(40, 64, 16, 0.0, 4, True, backend=backend, fused_qkv=fused_qkv).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 10, 40)
+    cache = ours.new_kv_cache(batch_size=2, max_len=12)
+    assert isinstance(cache, fastgpt.nn.KVCache) and cache.keys.shape == (2, 4, 12, 16) and cache.length == 0
+    with torch.no_grad():
+        steps = [ours(x[:, :6], cache)] + [ours(x[:, t:t + 1], kv_cache=cache) for t in range(6, 10)]
+    assert cache.length == 10
+    assert_close(torch.cat(steps, dim=1), float64_copy(theirs).eval()(x.double()), what="cached vs book")
+
+
+def test_kv_cache_refuses_overflow_and_batch_mismatch():
+    att = fastgpt.nn.MultiHeadAttention(16, 16, 8, 0.0, 1, backend="naive")
+    cache = att.new_kv_cache(batch_size=1, max_len=4)
+    att(torch.randn(1, 3, 16), cache)
+    with pytest.raises(ValueError, match=r"holds batch 1 x 4 tokens; got batch 1 with 3 cached \+ 2 new"):
+        att(torch.randn(1, 2, 16), cache)
+    with pytest.raises(ValueError, match=r"holds batch 1 x 4 tokens; got batch 2 with 3 cached \+ 1 new"):
+        att(torch.randn(2, 1, 16), cache)
+    assert cache.length == 3  # a refused append leaves the cache as it was

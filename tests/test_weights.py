@@ -216,3 +216,30 @@ def test_checkpoint_round_trip(hf_reference, tmp_path):
     assert torch.equal(reloaded.out_head.weight, untied.out_head.weight.double())
     with pytest.raises(FileNotFoundError, match="save_checkpoint"):
         fastgpt.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_checkpoint_in_the_books_names_still_loads(tmp_path):
+    """fastgpt 0.1 wrote checkpoints with the book's layer norm names (scale/shift): they still load."""
+    torch.manual_seed(6)
+    model = fastgpt.GPTModel(TINY, backend="naive").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)  # non-trivial norms: a dropped scale or shift changes the logits
+    old_state = fastgpt.nn.to_book_state_dict(model)
+    assert "final_norm.scale" in old_state and "final_norm.weight" not in old_state
+    torch.save({"config": dict(TINY), "state_dict": old_state, "tied": False}, tmp_path / "old.pt")
+    loaded = fastgpt.load_checkpoint(str(tmp_path / "old.pt"), backend="naive")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    del old_state["trf_blocks.1.norm1.scale"]
+    torch.save({"config": dict(TINY), "state_dict": old_state}, tmp_path / "broken.pt")
+    with pytest.raises(KeyError, match="missing key 'trf_blocks.1.norm1.scale'"):
+        fastgpt.load_checkpoint(str(tmp_path / "broken.pt"))
+
+
+def test_load_book_state_dict_takes_fastgpt_names_too():
+    torch.manual_seed(7)
+    source = fastgpt.GPTModel(TINY)
+    target = fastgpt.load_book_state_dict(fastgpt.GPTModel(TINY), source.state_dict())
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
