@@ -10,7 +10,7 @@ CUDA_SOURCES := $(wildcard csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h) $(CUDA_SOURCES)
 EXT := fastgpt/_C$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
-.PHONY: all setup build test bench cmake-build wheel-check gpu-check gpu-carry clean
+.PHONY: all setup build test bench bench-results cmake-build wheel-check gpu-check gpu-carry clean
 all: test
 
 $(VENV)/.deps: requirements-dev.txt
@@ -37,8 +37,13 @@ test: build
 	$(MAKE) wheel-check
 	$(MAKE) cmake-build
 
+# make bench writes into the git-ignored benchmarks/out/; make bench-results regenerates the
+# committed benchmarks/results/ (all three benchmarks; their files record this command line).
 bench: build
-	$(PY) -m fastgpt bench context
+	$(PY) -m fastgpt bench attention
+
+bench-results: build
+	for b in attention layernorm gpt; do $(PY) -m fastgpt bench $$b --out-dir benchmarks/results || exit 1; done
 
 # Reuses the objects `make build` compiled (setup.cfg: build_ext build_temp), so run it after build.
 wheel-check: build

@@ -1,4 +1,4 @@
-"""The `fastgpt` command: info | generate | bench context|layernorm|gpt | train.
+"""The `fastgpt` command: info | generate | bench attention|layernorm|gpt | train.
 
 `bench` and `train` hand the rest of the command line, untouched, to the main(argv)
 of the module that implements them, imported only when asked for.
@@ -13,8 +13,9 @@ import os
 import platform
 import sys
 
-BENCHMARKS = {"context": "fastgpt.bench.context_scaling", "layernorm": "fastgpt.bench.layer_norm",
+BENCHMARKS = {"attention": "fastgpt.bench.attention", "layernorm": "fastgpt.bench.layer_norm",
               "gpt": "fastgpt.bench.gpt_e2e"}
+BENCH_ALIASES = {"context": "attention"}  # `fastgpt bench context`: the attention benchmark's older name
 RANDOM_WEIGHTS_WARNING = (
     "WARNING: no --weights given: the model has RANDOM weights and will print gibberish.\n"
     "         Pass --weights DIR (a Hugging Face GPT-2 directory: config.json + model.safetensors)\n"
@@ -52,11 +53,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _resolve_config(spec: str) -> dict:
-    """A GPT2_CONFIGS name, a JSON object, or the path of a JSON file; JSON overrides gpt2-small's keys."""
-    from .model import GPT2_CONFIGS, check_config
+    """A config name of fastgpt.models (tiny, small, gpt2-small, ...), a JSON object, or the
+    path of a JSON file; JSON overrides gpt2-small's keys."""
+    from .models import CONFIG_NAMES, model_config
 
-    if spec in GPT2_CONFIGS:
-        return dict(GPT2_CONFIGS[spec])
+    if spec in CONFIG_NAMES:
+        return model_config(spec)
     if os.path.isfile(spec):
         with open(spec) as f:
             text = f.read()
@@ -64,7 +66,7 @@ def _resolve_config(spec: str) -> dict:
         text = spec
     else:
         raise SystemExit(f"fastgpt generate: --config {spec!r} is neither a config name "
-                         f"({', '.join(GPT2_CONFIGS)}), a JSON object nor a JSON file")
+                         f"({', '.join(CONFIG_NAMES)}), a JSON object nor a JSON file")
     try:
         overrides = json.loads(text)
     except json.JSONDecodeError as error:
@@ -72,7 +74,7 @@ def _resolve_config(spec: str) -> dict:
     if not isinstance(overrides, dict):
         raise SystemExit("fastgpt generate: --config JSON must be an object of config keys")
     try:
-        return check_config({**GPT2_CONFIGS["gpt2-small"], **overrides})
+        return model_config("gpt2-small", **overrides)
     except ValueError as error:
         raise SystemExit(f"fastgpt generate: --config: {error}") from error
 
@@ -80,7 +82,7 @@ def _resolve_config(spec: str) -> dict:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .model import GPTModel
+    from .models import GPTModel
     from .tokenizer import get_tokenizer
     from .weights import load_checkpoint, load_gpt2
 
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--weights", help="Hugging Face GPT-2 directory or fastgpt checkpoint file "
                                        "(default: random weights, with a warning)")
     gen.add_argument("--config", default="gpt2-small",
-                     help="without --weights: a config name (gpt2-small|medium|large|xl), or a JSON object "
+                     help="without --weights: a config name (tiny|small|gpt2-small|medium|large|xl), or a JSON object "
                           "or JSON file whose keys override gpt2-small's, e.g. "
                           "'{\"emb_dim\": 64, \"n_heads\": 4, \"n_layers\": 2}' for a tiny CPU demo")
     gen.add_argument("--backend", default="auto", help="auto|naive|sdpa|cpu|cuda|triton (default auto)")
@@ -143,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=cmd_generate)
 
     # Parsed by hand in main() (see there); declared here for --help.
-    bench = commands.add_parser("bench", help="benchmarks: context | layernorm | gpt [their options]")
-    bench.add_argument("which", choices=sorted(BENCHMARKS))
+    bench = commands.add_parser("bench", help="benchmarks: attention (alias: context) | layernorm | gpt "
+                                              "[their options]; results go to benchmarks/out/")
+    bench.add_argument("which", choices=sorted(BENCHMARKS) + sorted(BENCH_ALIASES))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
     train = commands.add_parser("train", help="train GPT-2 on a text file [its options]")
     train.add_argument("args", nargs=argparse.REMAINDER, help="passed to fastgpt.train")
@@ -157,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     # rejects a leading option (`fastgpt train --epochs 3`), so these go straight through.
     if argv[:1] == ["train"]:
         return _delegate("fastgpt.train", argv[1:])
-    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCHMARKS:
-        return _delegate(BENCHMARKS[argv[1]], argv[2:])
+    which = BENCH_ALIASES.get(argv[1], argv[1]) if argv[:1] == ["bench"] and len(argv) > 1 else None
+    if which in BENCHMARKS:
+        return _delegate(BENCHMARKS[which], argv[2:])
     args = build_parser().parse_args(argv)
     return args.handler(args)

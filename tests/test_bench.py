@@ -2,13 +2,18 @@
 point (out of memory, over budget, an error) becomes a row while the others go on."""
 import json
 import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 import fastgpt
 from fastgpt import cli
-from fastgpt.bench import common, context_scaling, gpt_e2e, layer_norm
+from fastgpt.bench import attention, common, gpt_e2e, layer_norm
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -44,12 +49,12 @@ def test_out_of_memory_errors_are_recognised():
 
 
 def test_attention_flops_and_naive_memory_estimate():
-    assert context_scaling.attention_flops(2, 12, 1024, 64, causal=False, mode="fwd") == 4 * 2 * 12 * 1024**2 * 64
-    assert context_scaling.attention_flops(2, 12, 1024, 64, causal=True, mode="fwd") == 2 * 2 * 12 * 1024**2 * 64
-    assert context_scaling.attention_flops(1, 1, 128, 64, True, "fwdbwd") == 3.5 * 2 * 128**2 * 64
+    assert attention.attention_flops(2, 12, 1024, 64, causal=False, mode="fwd") == 4 * 2 * 12 * 1024**2 * 64
+    assert attention.attention_flops(2, 12, 1024, 64, causal=True, mode="fwd") == 2 * 2 * 12 * 1024**2 * 64
+    assert attention.attention_flops(1, 1, 128, 64, True, "fwdbwd") == 3.5 * 2 * 128**2 * 64
     # 4 (B, H, T, T) matrices in the input dtype plus the (T, T) bool mask
-    assert context_scaling.naive_peak_bytes(1, 12, 1024, torch.float32) == 4 * 12 * 1024**2 * 4 + 1024**2
-    assert context_scaling.naive_peak_bytes(1, 12, 1024, torch.bfloat16) == 4 * 12 * 1024**2 * 2 + 1024**2
+    assert attention.naive_peak_bytes(1, 12, 1024, torch.float32) == 4 * 12 * 1024**2 * 4 + 1024**2
+    assert attention.naive_peak_bytes(1, 12, 1024, torch.bfloat16) == 4 * 12 * 1024**2 * 2 + 1024**2
 
 
 def test_device_kind_names_the_result_files():
@@ -63,20 +68,60 @@ def test_peak_memory_counts_what_a_call_allocates():
     assert 2 * 4 * n <= peak < 3 * 4 * n  # two live (n,) tensors at the peak, not three
 
 
-# ---- context scaling ------------------------------------------------------------------------
+# ---- where the results go ---------------------------------------------------------------------
 
-def test_context_scaling_end_to_end_through_the_cli(tmp_path, capsys):
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("module", [attention, layer_norm, gpt_e2e])
+def test_results_go_to_an_untracked_folder_by_default(module):
+    """A plain run must never overwrite the committed results of a checkout."""
+    default = module.parse_args([]).out_dir
+    assert default == common.DEFAULT_OUT_DIR
+    assert Path(default).parts[:2] != Path(common.RESULTS_DIR).parts[:2] == ("benchmarks", "results")
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout: nothing is tracked or ignored")
+    git = ["git", "-C", str(REPO)]
+    assert subprocess.run(git + ["ls-files", "--", default], capture_output=True, text=True,
+                          check=True).stdout == ""  # nothing tracked there
+    ignored = subprocess.run(git + ["check-ignore", "-q", "--", os.path.join(default, "cpu_attention.json")])
+    assert ignored.returncode == 0, f"{default} is not git-ignored"
+
+
+def test_a_run_without_out_dir_writes_under_the_default_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --out-dir is relative to the current directory
+    data = attention.run(["--device", "cpu", "--min-t", "128", "--max-t", "128", "--repeats", "1", "--budget-s", "0",
+                          "--backends", "sdpa", "--modes", "fwd"], show_progress=False)
+    assert sorted(os.path.relpath(p, tmp_path) for p in data["files"].values()) == [
+        os.path.join(common.DEFAULT_OUT_DIR, f"cpu_attention.{ext}") for ext in ("json", "md", "png")]
+    assert not (tmp_path / common.RESULTS_DIR).exists()
+
+
+def test_make_bench_writes_to_the_default_and_bench_results_regenerates_the_committed_ones():
+    makefile = (REPO / "Makefile").read_text()
+    recipe = {target: re.search(rf"^{target}:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+              for target in ("bench", "bench-results")}
+    assert "fastgpt bench attention" in recipe["bench"] and "--out-dir" not in recipe["bench"]
+    assert f"--out-dir {common.RESULTS_DIR}" in recipe["bench-results"]  # recorded in the files it writes
+
+
+# ---- attention --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["attention", "context"])  # `context`: the alias, same program
+def test_attention_end_to_end_through_the_cli(tmp_path, capsys, name):
     backends = cpu_backends()
-    argv = ["bench", "context", "--device", "cpu", "--max-t", "256", "--repeats", "1", "--budget-s", "0",
+    argv = ["bench", name, "--device", "cpu", "--max-t", "256", "--repeats", "1", "--budget-s", "0",
             "--backends", ",".join(backends + ["cuda"]), "--out-dir", str(tmp_path)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "### forward (fwd)" in printed and "### forward + backward (fwdbwd)" in printed
 
-    data = json.loads((tmp_path / "cpu.json").read_text())
+    data = json.loads((tmp_path / "cpu_attention.json").read_text())
     env = data["environment"]
     assert env["device_kind"] == "cpu" and env["torch"] == torch.__version__
-    assert env["command"].startswith("fastgpt bench context --device cpu")
+    # The command recorded is the canonical one, out directory included: it regenerates these files.
+    assert env["command"].startswith("fastgpt bench attention --device cpu")
+    assert env["command"].endswith(f"--out-dir {tmp_path}") and data["benchmark"] == "attention"
     assert {"cpu_model", "cpu_cores", "git_commit", "triton", "device_name"} <= set(env)
     assert set(data["unavailable"]) == {"cuda"}  # asked for, cannot run on the CPU: said, not dropped
     assert data["settings"]["t_values"] == [128, 256]
@@ -84,7 +129,7 @@ def test_context_scaling_end_to_end_through_the_cli(tmp_path, capsys):
     for row in data["results"]:
         assert row["status"] == "ok", row
         assert row["time_ms"] > 0 and row["memory_mb"] > 0 and row["repeats"] == 1
-        flops = context_scaling.attention_flops(1, 12, row["T"], 64, True, row["mode"])
+        flops = attention.attention_flops(1, 12, row["T"], 64, True, row["mode"])
         assert row["flops"] == flops
         assert row["flop_per_s"] == pytest.approx(flops / (row["time_ms"] / 1e3))
         naive = rows_of(data, backend="naive", mode=row["mode"], T=row["T"])[0]
@@ -97,10 +142,10 @@ def test_context_scaling_end_to_end_through_the_cli(tmp_path, capsys):
         assert sdpa[256] / sdpa[128] < 3.0
         assert data["slopes"][mode]["naive"]["memory"] == pytest.approx(2.0, abs=0.15)
 
-    markdown = (tmp_path / "cpu.md").read_text()
-    assert env["command"] in markdown and "![time and memory vs T](cpu.png)" in markdown
+    markdown = (tmp_path / "cpu_attention.md").read_text()
+    assert env["command"] in markdown and "![time and memory vs T](cpu_attention.png)" in markdown
     assert "| T " in markdown and "GFLOP/s" in markdown and "fitted log-log slopes" in markdown
-    assert (tmp_path / "cpu.png").read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / "cpu_attention.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_out_of_memory_and_errors_become_rows_and_the_sweep_goes_on(tmp_path):
@@ -116,10 +161,10 @@ def test_out_of_memory_and_errors_become_rows_and_the_sweep_goes_on(tmp_path):
             raise ValueError("head dim 64 is not supported at T=512")
         return fastgpt.attention(q, k, v, causal=causal, backend="sdpa")
 
-    impls = {"naive": context_scaling.fastgpt_attention("naive"), "sdpa": context_scaling.fastgpt_attention("sdpa"),
+    impls = {"naive": attention.fastgpt_attention("naive"), "sdpa": attention.fastgpt_attention("sdpa"),
              "oomy": runs_out_of_memory_from_256, "picky": rejects_512}
     # 5 MiB: the naive pre-check passes T=128 (3.2 MB) and refuses T=256 (12.6 MB).
-    data = context_scaling.run(["--device", "cpu", "--max-t", "1024", "--repeats", "1", "--budget-s", "0",
+    data = attention.run(["--device", "cpu", "--max-t", "1024", "--repeats", "1", "--budget-s", "0",
                                 "--memory-limit-gb", str(5 / 1024), "--out-dir", str(tmp_path)],
                                impls=impls, show_progress=False)
     for mode in ("fwd", "fwdbwd"):
@@ -134,13 +179,13 @@ def test_out_of_memory_and_errors_become_rows_and_the_sweep_goes_on(tmp_path):
         assert rows_of(data, backend="oomy", mode=mode, T=512)[0]["note"] == "since T=256"
         assert "not supported" in rows_of(data, backend="picky", mode=mode, T=512)[0]["note"]
         assert "speedup_vs_naive" not in rows_of(data, backend="sdpa", mode=mode, T=512)[0]
-        assert context_scaling.first_failure(data["results"], mode, "naive")["T"] == 256
-    markdown = (tmp_path / "cpu.md").read_text()
+        assert attention.first_failure(data["results"], mode, "naive")["T"] == 256
+    markdown = (tmp_path / "cpu_attention.md").read_text()
     assert "OOM: pre-check" in markdown and "OOM: since T=256" in markdown and "error: ValueError" in markdown
 
 
 def test_points_over_budget_are_skipped_rows(tmp_path):
-    data = context_scaling.run(["--device", "cpu", "--max-t", "512", "--repeats", "1", "--budget-s", "1e-9",
+    data = attention.run(["--device", "cpu", "--max-t", "512", "--repeats", "1", "--budget-s", "1e-9",
                                 "--backends", "naive,sdpa", "--modes", "fwd", "--out-dir", str(tmp_path)],
                                show_progress=False)
     for name in ("naive", "sdpa"):
@@ -149,7 +194,7 @@ def test_points_over_budget_are_skipped_rows(tmp_path):
         assert [r["status"] for r in rows] == ["ok", "skipped (budget)", "skipped (budget)"]
         assert rows[1]["note"].startswith("predicted") and rows[2]["note"] == "since T=256"
     assert data["slopes"]["fwd"]["naive"] == {"time": None, "memory": None}
-    assert (tmp_path / "cpu.png").read_bytes()[:8] == PNG_MAGIC
+    assert (tmp_path / "cpu_attention.png").read_bytes()[:8] == PNG_MAGIC
 
 
 # ---- layer norm ------------------------------------------------------------------------------

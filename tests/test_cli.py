@@ -84,8 +84,9 @@ def fake_module(monkeypatch, name, calls):
 
 @pytest.mark.parametrize("argv, module, passed", [
     (["train", "--epochs", "3", "data.txt"], "fastgpt.train", ["--epochs", "3", "data.txt"]),
-    (["bench", "context", "--max-T", "4096", "--help"], "fastgpt.bench.context_scaling",
+    (["bench", "attention", "--max-T", "4096", "--help"], "fastgpt.bench.attention",
      ["--max-T", "4096", "--help"]),
+    (["bench", "context", "--max-T", "4096"], "fastgpt.bench.attention", ["--max-T", "4096"]),  # the alias
     (["bench", "layernorm"], "fastgpt.bench.layer_norm", []),
     (["bench", "gpt", "--backend", "cpu"], "fastgpt.bench.gpt_e2e", ["--backend", "cpu"]),
 ])
@@ -103,3 +104,38 @@ def test_missing_delegate_is_a_clear_error(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "nonsense"])
     assert "invalid choice: 'nonsense'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_generate_with_a_laptop_config(offline_vocab, capsys, monkeypatch, name):
+    """`fastgpt generate --config tiny` builds the registry's tiny model (random weights, with the warning)."""
+    built = []
+    original_init = fastgpt.GPTModel.__init__
+
+    def recording_init(self, cfg, backend="auto"):
+        built.append(dict(cfg))
+        original_init(self, cfg, backend=backend)
+
+    monkeypatch.setattr(fastgpt.GPTModel, "__init__", recording_init)
+    assert main(["generate", "Every effort", "--config", name, "--max-new-tokens", "4", "--backend", "naive",
+                 "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert built == [fastgpt.models.model_config(name)] and built[0]["n_layers"] in (2, 4)
+    assert "RANDOM weights" in err
+    tok = fastgpt.get_tokenizer()
+    assert out.startswith("Every effort") and len(tok.encode(out.rstrip("\n"))) == len(tok.encode("Every effort")) + 4
+
+
+def test_one_config_registry_for_train_generate_and_bench():
+    """train, generate and the GPT benchmark resolve config names through fastgpt.models alone."""
+    from fastgpt import cli, models, train
+    from fastgpt.bench import gpt_e2e
+
+    assert train.model_config is models.model_config and gpt_e2e.model_config is models.model_config
+    assert train.CONFIG_NAMES is models.CONFIG_NAMES and gpt_e2e.CONFIG_NAMES is models.CONFIG_NAMES
+    for name in models.CONFIG_NAMES:
+        assert cli._resolve_config(name) == models.model_config(name) == models.CONFIGS[name], name
+    assert cli._resolve_config('{"n_layers": 1}') == models.model_config("gpt2-small", n_layers=1)
+    # The registry is the only place these names live (test_layers checks no other dict of config keys exists).
+    for module in (train, cli, gpt_e2e):
+        assert not hasattr(module, "SMALL_CONFIGS") and not hasattr(module, "GPT2_CONFIGS"), module.__name__

@@ -114,7 +114,7 @@ fi
 
 # -- benchmarks ------------------------------------------------------------------------------
 mkdir -p "$OUT/bench"
-for which in context layernorm gpt; do
+for which in attention layernorm gpt; do
   if "$PY" -m fastgpt.cli bench "$which" --help > /dev/null 2>&1; then
     step "bench $which" 1800 "$OUT/bench_$which.log" \
       "$PY" -m fastgpt.cli bench "$which" --device cuda --out-dir "$OUT/bench"

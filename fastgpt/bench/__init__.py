@@ -1,6 +1,14 @@
-"""fastgpt's benchmarks, shared by `fastgpt bench ...` and the scripts in benchmarks/:
+"""fastgpt's benchmarks, shared by `fastgpt bench <name>` and the scripts in benchmarks/
+(benchmarks/<module>.py only calls fastgpt.bench.<module>.main):
 
-- context_scaling: causal attention time and memory vs context length, every backend;
-- layer_norm: layer norm forward/backward GB/s vs F.layer_norm and the copy bandwidth;
-- gpt_e2e: GPT-2 training-step and KV-cache generation tokens/s per backend.
+- attention (`fastgpt bench attention`, alias `context`): causal attention time and
+  memory vs context length, every backend;
+- layer_norm (`fastgpt bench layernorm`): layer norm forward/backward GB/s vs
+  F.layer_norm and the copy bandwidth;
+- gpt_e2e (`fastgpt bench gpt`): GPT-2 training-step and KV-cache generation tokens/s
+  per backend.
+
+Results go to benchmarks/out/ (git-ignored) unless --out-dir says otherwise; the
+committed ones in benchmarks/results/ are rewritten only by `--out-dir benchmarks/results`
+(`make bench-results`).
 """

@@ -38,7 +38,11 @@ import torch
 import fastgpt
 from fastgpt import backends
 
-DEFAULT_OUT_DIR = os.path.join("benchmarks", "results")
+# Where a run writes unless told otherwise: a git-ignored folder, so that running a benchmark
+# never overwrites the committed results of a checkout. Those (RESULTS_DIR) are rewritten
+# only when asked for by name: `--out-dir benchmarks/results`, or `make bench-results`.
+DEFAULT_OUT_DIR = os.path.join("benchmarks", "out")
+RESULTS_DIR = os.path.join("benchmarks", "results")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MEMORY_MEASURE = {
     "cuda": "torch.cuda.max_memory_allocated() during one call minus memory_allocated() before it",
@@ -184,7 +188,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--backends", default=None,
                         help="comma-separated backends (default: every one available on the device)")
-    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help="where the results go (default: %(default)s)")
+    add_output_arguments(parser)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """--out-dir and --stem, the same for every benchmark."""
+    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
+                        help=f"where the result files go (default: %(default)s, git-ignored; {RESULTS_DIR} "
+                             "holds the committed results: pass it to regenerate them)")
     parser.add_argument("--stem", default=None,
                         help="file stem of the results (default: the device kind, e.g. cpu, h100)")
 
@@ -383,6 +394,17 @@ def print_report(tables: str, unavailable: dict[str, str], paths: dict[str, str]
     for name, why in unavailable.items():
         print(f"not measured: {name}: {why}")
     print(f"\nwrote {', '.join(paths.values())}")
+
+
+def main_of(run: Callable[..., dict]) -> Callable[..., int]:
+    """The main(argv) of a benchmark module whose run(argv) measures, writes the files and
+    prints the report: what `fastgpt bench <name>` and benchmarks/<name>.py call."""
+    def main(argv: Sequence[str] | None = None) -> int:
+        run(argv)
+        return 0
+
+    main.__doc__ = f"Runs {run.__module__} from the command line (argv: sys.argv[1:] when None); returns 0."
+    return main
 
 
 def progress(total: int, desc: str):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import fastgpt
 from fastgpt.bench import common
-from fastgpt.train import CONFIG_NAMES, model_config
+from fastgpt.models import CONFIG_NAMES, model_config
 
 DEFAULTS = {  # per device type: config, batch size, timed steps, prompt length, new tokens
     "cpu": {"config": "small", "batch_size": 4, "steps": 3, "prompt_len": 32, "new_tokens": 32},
@@ -203,8 +203,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=None, help="default: 256 GPU, 32 CPU")
     parser.add_argument("--gen-repeats", type=int, default=3, help="timed generation runs (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=123, help="weights and inputs (default: %(default)s)")
-    parser.add_argument("--out-dir", default=common.DEFAULT_OUT_DIR, help="where the results go (default: %(default)s)")
-    parser.add_argument("--stem", default=None, help="file stem (default: the device kind, e.g. cpu, h100)")
+    common.add_output_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("context_length", "batch_size", "steps", "prompt_len", "new_tokens", "gen_repeats"):
         value = getattr(args, name)
@@ -252,9 +251,7 @@ def run(argv: Sequence[str] | None = None, show_progress: bool = True) -> dict:
     return data
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    run(argv)
-    return 0
+main = common.main_of(run)
 
 
 if __name__ == "__main__":

@@ -236,9 +236,7 @@ def run(argv: Sequence[str] | None = None, impls: dict[str, LayerNormFn] | None 
     return data
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    run(argv)
-    return 0
+main = common.main_of(run)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Causal attention against context length: time and peak memory of every backend.
 
-    fastgpt bench context [--device cpu|cuda] [--max-t T] [--backends naive,sdpa,cpu] ...
-    python benchmarks/context_scaling.py ...            (the same program)
+    fastgpt bench attention [--device cpu|cuda] [--max-t T] [--backends naive,sdpa,cpu] ...
+    fastgpt bench context ...                           (an alias)
+    python benchmarks/attention.py ...                  (the same program)
 
 For T = min_t, 2·min_t, ..., max_t and for the forward pass (fwd) and forward +
 backward (fwdbwd) of fastgpt.attention(q, k, v, causal=True, backend=b) with
 q, k, v (B, H, T, D), it records the median time, the peak extra memory, FLOP/s and
 the speed ratio against naive and sdpa measured in the same run. Writes
-<out-dir>/<stem>.json, .md and .png (stem: the device kind, e.g. cpu, h100).
+<out-dir>/<stem>_attention.json, .md and .png (stem: the device kind, e.g. cpu, h100).
 
 A point that cannot run is a row, never a gap:
 - "OOM": the backend ran out of memory (torch.OutOfMemoryError, MemoryError, the CPU
@@ -31,6 +32,7 @@ import torch
 import fastgpt
 from fastgpt.bench import common
 
+PROG = "fastgpt bench attention"  # also `fastgpt bench context` (fastgpt.cli.BENCH_ALIASES)
 MODES = {"fwd": "forward", "fwdbwd": "forward + backward"}
 # FLOPs of fwd+bwd relative to fwd: backward is 2.5x forward (FlashAttention's count).
 MODE_FLOP_FACTOR = {"fwd": 1.0, "fwdbwd": 3.5}
@@ -169,7 +171,7 @@ def run_sweep(settings: Settings, impls: dict[str, AttentionFn], show_progress: 
     """Every (mode, backend, T) point as a row; see the module docstring for the statuses."""
     series = [Series(mode, name) for mode in settings.modes for name in impls]
     started = time.perf_counter()
-    bar = common.progress(len(series) * len(settings.t_values), "context scaling") if show_progress else None
+    bar = common.progress(len(series) * len(settings.t_values), "attention") if show_progress else None
     for T in settings.t_values:
         for one in series:
             if bar is not None:
@@ -345,7 +347,7 @@ def plot(rows: list[dict], settings: Settings, slopes: dict, title: str, path: s
 # ---- command line ----------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fastgpt bench context", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     common.add_common_arguments(parser)
     parser.add_argument("--modes", default="fwd,fwdbwd", help="fwd, fwdbwd or both (default: %(default)s)")
     parser.add_argument("--min-t", type=int, default=128, help="smallest context length, a power of two (default: %(default)s)")
@@ -408,13 +410,13 @@ def run(argv: Sequence[str] | None = None, impls: dict[str, AttentionFn] | None 
         impls = {name: fastgpt_attention(name) for name in names}
     if not impls:
         raise SystemExit("error: no backend to measure: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
-    env = common.environment(device, argv, "fastgpt bench context")
-    stem = args.stem or env["device_kind"]
+    env = common.environment(device, argv, PROG)
+    stem = (args.stem or env["device_kind"]) + "_attention"
     rows = run_sweep(settings, impls, show_progress)
     slopes = fitted_slopes(rows)
     unit, _ = _flops_unit(device)
     data = {
-        "benchmark": "context_scaling",
+        "benchmark": "attention",
         "environment": env,
         "settings": {"B": settings.B, "H": settings.H, "D": settings.D, "causal": settings.causal,
                      "dtype": common.dtype_name(settings.dtype), "t_values": settings.t_values,
@@ -438,9 +440,7 @@ def run(argv: Sequence[str] | None = None, impls: dict[str, AttentionFn] | None 
     return data
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    run(argv)
-    return 0
+main = common.main_of(run)
 
 
 if __name__ == "__main__":
