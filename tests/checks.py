@@ -8,7 +8,10 @@ Tolerance rule (one for all backends):
 """
 from __future__ import annotations
 
+import copy
+
 import torch
+from torch import nn
 
 from fastgpt import reference
 
@@ -58,6 +61,11 @@ def assert_close(got: torch.Tensor, oracle: torch.Tensor, same_dtype_result: tor
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
     err, tol = max_abs_err(got, oracle), tolerance(got.dtype, oracle, same_dtype_result)
     assert err <= tol, f"{what}: max abs err {err:.3e} > tol {tol:.3e} ({got.dtype})"
+
+
+def float64_copy(module: nn.Module) -> nn.Module:
+    """A float64 copy of a module: the oracle for its drop-in replacement."""
+    return copy.deepcopy(module).double()
 
 
 def attention_oracle(q, k, v, causal, key_padding_mask=None, dropout_p=0.0, scale=None, seed=0):

@@ -57,6 +57,13 @@ def kernel(request):
     return request.param, require_backend(request.param)
 
 
+@pytest.fixture(params=("naive", "sdpa", "cpu"), ids=lambda b: f"backend={b}")
+def backend(request):
+    """The backends every CPU session runs the drop-in modules and models on (test_nn, test_patch)."""
+    require_backend(request.param)
+    return request.param
+
+
 @pytest.fixture
 def shared_data():
     """Path of ../shared/data (offline GPT-2 vocab, the-verdict.txt); skip when absent."""

@@ -11,22 +11,9 @@ from torch import nn
 
 import book_model as book
 import fastgpt
-from checks import assert_close
+from checks import assert_close, float64_copy
 from conftest import require_backend
 from fastgpt import reference
-
-BACKENDS = ("naive", "sdpa", "cpu")
-
-
-@pytest.fixture(params=BACKENDS, ids=lambda b: f"backend={b}")
-def backend(request):
-    require_backend(request.param)
-    return request.param
-
-
-def float64_copy(module: nn.Module) -> nn.Module:
-    return copy.deepcopy(module).double()
-
 
 # ---------------------------------------------------------------- LayerNorm
 

@@ -12,21 +12,7 @@ from torch import nn
 
 import book_model as book
 import fastgpt
-from checks import assert_close
-from conftest import require_backend
-
-BACKENDS = ("naive", "sdpa", "cpu")
-
-
-@pytest.fixture(params=BACKENDS, ids=lambda b: f"backend={b}")
-def backend(request):
-    require_backend(request.param)
-    return request.param
-
-
-def float64_copy(module: nn.Module) -> nn.Module:
-    return copy.deepcopy(module).double()
-
+from checks import assert_close, float64_copy
 
 def randomise(modules, seed: int = 0) -> None:
     """Non-trivial values for the modules' parameters: layer norms start at scale 1, shift 0,
