@@ -8,23 +8,32 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <initializer_list>
 #include <optional>
 #include <utility>
 
 namespace fastgpt {
 
-// q (B, H, Tq, D), k, v (B, H, Tk, D) in one dtype on one device; key_padding_mask bool (B, Tk)
-// on that device or None; dropout_p in [0, 1).
+// q (B, Hq, Tq, D), k, v (B, Hkv, Tk, D) with Hq % Hkv == 0 in one dtype on one device;
+// key_padding_mask bool (B, Tk) on that device or None; dropout_p in [0, 1); window >= 0 and
+// softcap >= 0 (0: none).
 inline void check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                   const std::optional<at::Tensor>& key_padding_mask, double dropout_p) {
+                                   const std::optional<at::Tensor>& key_padding_mask, double dropout_p,
+                                   int64_t window, double softcap) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
               ": q (B, H, Tq, D), k and v (B, H, Tk, D) must be 4-D, got ", q.sizes(), ", ", k.sizes(), ", ",
               v.sizes());
   TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ",
               v.sizes());
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3), op,
-              ": q and k, v must agree in B, H and D, got ", q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), op, ": q and k, v must agree in B and D, got ",
+              q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, op,
+              ": the query heads Hq must be a multiple of the key/value heads Hkv, got ", q.size(1), " and ",
+              k.size(1));
+  TORCH_CHECK(window >= 0, op, ": window must be >= 0 (0: none), got ", window);
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), op, ": softcap must be finite and >= 0 (0: none), got ",
+              softcap);
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
               ": q, k and v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
               v.scalar_type());
@@ -40,6 +49,19 @@ inline void check_attention_inputs(const char* op, const at::Tensor& q, const at
     TORCH_CHECK(mask.device() == q.device(), op, ": key_padding_mask must be on ", q.device(),
                 " (the device of q), got ", mask.device());
   }
+}
+
+// What a kernel does not implement yet (fastgpt/backends.py declares the same per backend, so
+// the public API never gets here): grouped-query attention, sliding windows, logit softcap.
+inline void check_attention_features(const char* op, const char* kernels, bool gqa, bool window, bool softcap,
+                                     const at::Tensor& q, const at::Tensor& k, int64_t window_size,
+                                     double softcap_value) {
+  TORCH_CHECK(gqa || q.size(1) == k.size(1), op, ": grouped-query attention (Hq = ", q.size(1), ", Hkv = ",
+              k.size(1), ") is not implemented in the ", kernels, " kernels");
+  TORCH_CHECK(window || window_size == 0, op, ": a sliding window is not implemented in the ", kernels,
+              " kernels, got window ", window_size);
+  TORCH_CHECK(softcap || softcap_value == 0.0, op, ": a logit softcap is not implemented in the ", kernels,
+              " kernels, got softcap ", softcap_value);
 }
 
 // The backward's saved tensors: grad_out and out (B, H, Tq, D) like q, lse float32 (B, H, Tq).

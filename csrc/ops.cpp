@@ -5,12 +5,15 @@
 // the op contract (fastgpt/_registration.py), which the Triton operators share.
 //
 // Shapes (the book's layout):
-//   q            (B, H, Tq, D)        k, v  (B, H, Tk, D)        same dtype
+//   q            (B, Hq, Tq, D)       k, v  (B, Hkv, Tk, D)      same dtype, Hq % Hkv == 0
+//                query head h reads kv head h / (Hq / Hkv) (grouped-query attention)
 //   key_padding_mask  bool (B, Tk), true = keep, or None
 //   out          (B, H, Tq, D)  dtype of q
 //   lse          (B, H, Tq)     float32 log-sum-exp of the scaled, masked scores
 //                               (-inf for a row with no visible key)
-//   causal is bottom-right aligned: query i sees key j iff j <= i + (Tk - Tq).
+//   causal is bottom-right aligned: query i (at p = i + Tk - Tq) sees key j iff j <= p.
+//   window W > 0 keeps p - W < j (causal) or |j - p| < W (non-causal); 0 = no window.
+//   softcap c > 0 turns scores s into c * tanh(s / c) before masking; 0 = none.
 //   Dropout keeps P[b,h,i,j] iff philox_uniform(seed, b*H+h, i*Tk+j) >= dropout_p
 //   (see csrc/philox.h), and scales kept weights by 1 / (1 - dropout_p).
 //
@@ -21,9 +24,10 @@
 
 TORCH_LIBRARY(fastgpt, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, "
-        "float scale, float dropout_p, int seed) -> (Tensor out, Tensor lse)");
+        "float scale, float dropout_p, int seed, int window, float softcap) -> (Tensor out, Tensor lse)");
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "Tensor? key_padding_mask, bool causal, float scale, float dropout_p, int seed) "
+        "Tensor? key_padding_mask, bool causal, float scale, float dropout_p, int seed, int window, "
+        "float softcap) "
         "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) "
         "-> (Tensor y, Tensor mean, Tensor rstd)");

@@ -29,30 +29,31 @@ def _contiguous_like(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors)
 
 
-# ---- attention: q (B, H, Tq, D), k, v (B, H, Tk, D) -> out (B, H, Tq, D), lse (B, H, Tq) float32
+# ---- attention: q (B, Hq, Tq, D), k, v (B, Hkv, Tk, D) -> out (B, Hq, Tq, D), lse (B, Hq, Tq) float32
+# (window 0 / softcap 0.0: none)
 
-def _attention_fwd_fake(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
+def _attention_fwd_fake(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window, softcap):
     B, H, Tq, _ = q.shape
     return _contiguous_like(q)[0], q.new_empty((B, H, Tq), dtype=torch.float32)
 
 
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, key_padding_mask, causal, scale, dropout_p, seed):
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, key_padding_mask, causal, scale, dropout_p, seed, window,
+                        softcap):
     return _contiguous_like(q, k, v)
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, scale, dropout_p, seed = inputs
+    q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-    ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
+    ctx.options = causal, scale, dropout_p, seed, window, softcap
 
 
 def _attention_backward(attention_bwd, ctx, grad_out, grad_lse):
     # lse is internal to fastgpt (nothing differentiates through it), so grad_lse is unused.
     q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    grad_q, grad_k, grad_v = attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask,
-                                           ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed)
-    return grad_q, grad_k, grad_v, None, None, None, None, None
+    grad_q, grad_k, grad_v = attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, *ctx.options)
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
 
 
 # ---- layer norm: x (N, C), weight, bias (C,) -> y (N, C), mean, rstd (N,) float32 (float64 for float64 x)

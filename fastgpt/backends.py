@@ -45,6 +45,21 @@ class Refusal:
     reason: str
 
 
+# What an attention call may need beyond causal + key padding, and how the errors name it.
+ATTENTION_FEATURES = {
+    "gqa": "grouped-query attention (k, v with fewer heads than q)",
+    "window": "a sliding window",
+    "softcap": "a logit softcap",
+}
+ALL_FEATURES = frozenset(ATTENTION_FEATURES)
+
+
+def attention_features(q_heads: int, kv_heads: int, window: int | None, softcap: float | None) -> frozenset[str]:
+    """The features of ATTENTION_FEATURES that an attention call uses."""
+    used = {"gqa": kv_heads != q_heads, "window": window is not None, "softcap": softcap is not None}
+    return frozenset(name for name, needed in used.items() if needed)
+
+
 @dataclass
 class Backend:
     name: str
@@ -53,34 +68,45 @@ class Backend:
     head_dims: tuple[int, ...] | None  # None: any head dim
     # device type -> None when usable there, else the reason it is not
     unavailable: dict[str, str | None] = field(default_factory=dict)
-    attention: Callable | None = None  # (q, k, v, causal, key_padding_mask, dropout_p, scale, seed) -> out
+    # (q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap) -> out;
+    # window 0 and softcap 0.0 mean none (the operators' convention)
+    attention: Callable | None = None
     layer_norm: Callable | None = None  # (x2d, weight, bias, eps) -> y2d
     refusals: tuple[Refusal, ...] = ()
+    features: frozenset[str] = ALL_FEATURES  # the ATTENTION_FEATURES its attention runs
+    # feature -> how this backend runs it, where that is not fused (fastgpt.info() shows it)
+    unfused: dict[str, str] = field(default_factory=dict)
 
     def why_not(self, device_type: str) -> str | None:
         return self.unavailable.get(device_type, f"the {self.name} backend does not run on {device_type} tensors")
 
 
-def _sdpa_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed):
+def _sdpa_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap):
     # SDPA draws its own dropout mask (torch's RNG), so `seed` is unused here.
+    if softcap:  # SDPA has no softcap: the matmul attention of reference.py
+        return reference.attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window or None, softcap)
     Tq, Tk = q.shape[-2], k.shape[-2]
-    if key_padding_mask is None and (not causal or Tq == Tk):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
-    keep = reference.visible_keys(Tq, Tk, causal, key_padding_mask, q.device)
+    gqa = k.shape[1] != q.shape[1]
+    if key_padding_mask is None and not window and (not causal or Tq == Tk):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale,
+                                              enable_gqa=gqa)
+    keep = reference.visible_keys(Tq, Tk, causal, key_padding_mask, q.device, window or None)
     has_key = keep.any(dim=-1, keepdim=True)  # (B|1, 1, Tq, 1)
     # SDPA returns NaN for a row with no visible key; let such rows see key 0, then zero them.
     first_key = torch.arange(Tk, device=q.device) == 0
     keep = keep | (~has_key & first_key)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     return out.masked_fill(~has_key, 0.0)
 
 
-def _naive_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed):
-    return reference.attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed)
+def _naive_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap):
+    return reference.attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window or None,
+                               softcap or None)
 
 
-def _extension_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed):
-    return torch.ops.fastgpt.attention_fwd(q, k, v, key_padding_mask, causal, scale, dropout_p, seed)[0]
+def _extension_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap):
+    return torch.ops.fastgpt.attention_fwd(q, k, v, key_padding_mask, causal, scale, dropout_p, seed,
+                                           window, softcap)[0]
 
 
 def _extension_layer_norm(x, weight, bias, eps):
@@ -126,17 +152,21 @@ def _build_registry() -> dict[str, Backend]:
                          _naive_attention, reference.layer_norm),
         "sdpa": Backend("sdpa", "torch.nn.functional.scaled_dot_product_attention / F.layer_norm",
                         FLOAT_DTYPES + (torch.float64,), None, {"cpu": None, "cuda": None},
-                        _sdpa_attention, lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], w, b, eps)),
+                        _sdpa_attention, lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], w, b, eps),
+                        unfused={"window": "an explicit (Tq, Tk) boolean mask",
+                                 "softcap": "the matmul attention of reference.py (SDPA has no softcap)"}),
         "cpu": Backend("cpu", "fused C++ kernels (csrc/cpu)", FLOAT_DTYPES + (torch.float64,),
                        tuple(range(1, 257)), {"cpu": ext["cpu"]},
-                       _extension_attention, _extension_layer_norm),
+                       _extension_attention, _extension_layer_norm, features=frozenset()),
         "cuda": Backend("cuda", "fused CUDA kernels (csrc/cuda)", FLOAT_DTYPES, (16, 32, 64, 128),
-                        {"cuda": ext["cuda"]}, _extension_attention, _extension_layer_norm),
+                        {"cuda": ext["cuda"]}, _extension_attention, _extension_layer_norm,
+                        features=frozenset()),
         "triton": Backend("triton", "fused Triton kernels (fastgpt/triton)", FLOAT_DTYPES,
                           (16, 32, 64, 128), _triton_reasons(),
                           refusals=(Refusal("attention", "cpu", torch.bfloat16,
                                             "Triton's CPU interpreter has no bfloat16 tl.dot (it returns wrong "
-                                            "numbers): use float16 or float32 on CPU tensors, bfloat16 on a GPU"),)),
+                                            "numbers): use float16 or float32 on CPU tensors, bfloat16 on a GPU"),),
+                          features=frozenset()),
     }
     triton = registry["triton"]
     if any(reason is None for reason in triton.unavailable.values()):
@@ -177,20 +207,21 @@ def dtypes_expected() -> str:
     return names + (f" ({'; '.join(partial)})" if partial else "")
 
 
-def select(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> Backend:
-    """The backend that runs a call on `device` with `dtype`: attention passes its `head_dim`,
-    layer norm passes None."""
+def select(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None,
+           features: frozenset[str] = frozenset()) -> Backend:
+    """The backend that runs a call on `device` with `dtype`: attention passes its `head_dim` and the
+    ATTENTION_FEATURES it uses, layer norm passes None."""
     op = "layer_norm" if head_dim is None else "attention"
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("naive",)):
             candidate = REGISTRY[name]
-            if refusal(candidate, op, device, dtype, head_dim) is None:
+            if refusal(candidate, op, device, dtype, head_dim, features) is None:
                 return candidate
         raise RuntimeError(f"fastgpt.{op}: no backend can run {dtype} tensors on {device}; see fastgpt.info()")
     if backend not in REGISTRY:
         raise ValueError(f"fastgpt.{op}: unknown backend {backend!r}; expected one of {('auto',) + NAMES}")
     chosen = REGISTRY[backend]
-    why = refusal(chosen, op, device, dtype, head_dim)
+    why = refusal(chosen, op, device, dtype, head_dim, features)
     if why is not None:
         raise (RuntimeError if why.startswith("unavailable") else ValueError)(
             f"fastgpt.{op}: backend={backend!r} cannot run this call: {why}")
@@ -198,9 +229,9 @@ def select(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int
 
 
 def refusal(backend: Backend | str, op: str, device: torch.device, dtype: torch.dtype,
-            head_dim: int | None = None) -> str | None:
-    """None when `backend` runs `op` ("attention" with its head dim, or "layer_norm") on `device`
-    with `dtype`; else why not, from the backend's declarations above."""
+            head_dim: int | None = None, features: frozenset[str] = frozenset()) -> str | None:
+    """None when `backend` runs `op` ("attention" with its head dim and features, or "layer_norm")
+    on `device` with `dtype`; else why not, from the backend's declarations above."""
     candidate = REGISTRY[backend] if isinstance(backend, str) else backend
     why = candidate.why_not(device.type)
     if why is not None:
@@ -214,6 +245,9 @@ def refusal(backend: Backend | str, op: str, device: torch.device, dtype: torch.
         dims = candidate.head_dims
         supported = f"{dims[0]}..{dims[-1]}" if len(dims) > 8 else _one_of(dims)
         return f"head dim must be {supported}, got {head_dim}"
+    missing = sorted(features - candidate.features)
+    if missing:
+        return f"{_one_of(ATTENTION_FEATURES[name] for name in missing)} is not implemented in this backend"
     return None
 
 
@@ -228,6 +262,8 @@ def info() -> dict[str, dict]:
             "devices": devices,
             "reason": "; ".join(f"{device}: {why}" for device, why in reasons.items()) or None,
             "description": backend.description,
+            "attention_features": sorted(backend.features),
+            "not_fused": dict(backend.unfused),
         }
     picks = {}
     for device_type, order in AUTO_ORDER.items():

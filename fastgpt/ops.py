@@ -23,23 +23,26 @@ def _check_dtype(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"fastgpt.{op}: {name} must be {backends.dtypes_expected()}, got {t.dtype}")
 
 
-def _check_attention(q, k, v, key_padding_mask, dropout_p, scale) -> float:
+def _check_attention(q, k, v, key_padding_mask, dropout_p, scale, window, softcap) -> float:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"fastgpt.attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            layout = "(B, H, Tq, D)" if name == "q" else "(B, H, Tk, D)"
+            layout = "(B, Hq, Tq, D)" if name == "q" else "(B, Hkv, Tk, D)"
             raise ValueError(f"fastgpt.attention: {name} must be 4-D {layout}, got shape {_shape(t)}")
         _check_dtype("attention", name, t)
     if k.shape != v.shape:
-        raise ValueError(f"fastgpt.attention: k and v must have the same shape (B, H, Tk, D), "
+        raise ValueError(f"fastgpt.attention: k and v must have the same shape (B, Hkv, Tk, D), "
                          f"got k {_shape(k)} and v {_shape(v)}")
-    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"fastgpt.attention: q (B, H, Tq, D) and k, v (B, H, Tk, D) must agree in B, H and D, "
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"fastgpt.attention: q (B, Hq, Tq, D) and k, v (B, Hkv, Tk, D) must agree in B and D, "
                          f"got q {_shape(q)} and k {_shape(k)}")
     if q.numel() == 0 or k.numel() == 0:
         raise ValueError(f"fastgpt.attention: B, H, Tq, Tk and D must all be at least 1, "
                          f"got q {_shape(q)} and k {_shape(k)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"fastgpt.attention: the query heads Hq must be a multiple of the key/value heads Hkv "
+                         f"(grouped-query attention), got Hq = {q.shape[1]} and Hkv = {k.shape[1]}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"fastgpt.attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -58,6 +61,12 @@ def _check_attention(q, k, v, key_padding_mask, dropout_p, scale) -> float:
                              f"got {key_padding_mask.device}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"fastgpt.attention: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"fastgpt.attention: window must be an int >= 1 (keys per query, itself included) "
+                         f"or None, got {window!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not (math.isfinite(softcap) and softcap > 0)):
+        raise ValueError(f"fastgpt.attention: softcap must be a positive finite number or None, got {softcap!r}")
     if scale is None:
         return 1.0 / math.sqrt(q.shape[-1])
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -71,20 +80,26 @@ def _draw_seed() -> int:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-              key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+              key_padding_mask: torch.Tensor | None = None, window: int | None = None,
+              softcap: float | None = None, dropout_p: float = 0.0,
               scale: float | None = None, backend: str = "auto") -> torch.Tensor:
-    """Scaled dot-product attention softmax(q kᵀ · scale + mask) v, fused where the backend allows.
+    """Scaled dot-product attention softmax(mask(cap(q kᵀ · scale))) v, fused where the backend allows.
 
-    q (B, H, Tq, D); k, v (B, H, Tk, D) -> (B, H, Tq, D) in the dtype of q.
-    causal: bottom-right aligned, query i sees keys j <= i + (Tk - Tq).
+    q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) with Hq % Hkv == 0 (grouped-query attention: query
+    head h reads kv head h // (Hq // Hkv)) -> (B, Hq, Tq, D) in the dtype of q.
+    causal: bottom-right aligned, query i (at position p = i + Tk - Tq) sees keys j <= p.
     key_padding_mask: bool (B, Tk), True = keep. A row with no visible key returns zeros.
+    window: W keys per query, itself included: p - W < j (causal), |j - p| < W (non-causal).
+    softcap: scores s become softcap * tanh(s / softcap) before masking (Gemma 2).
     dropout_p: dropout on the attention weights (Philox mask, identical across the fused backends).
     scale: defaults to 1/sqrt(D). backend: auto | naive | sdpa | cpu | cuda | triton.
     """
-    scale = _check_attention(q, k, v, key_padding_mask, dropout_p, scale)
-    chosen = backends.select(backend, q.device, q.dtype, q.shape[-1])
+    scale = _check_attention(q, k, v, key_padding_mask, dropout_p, scale, window, softcap)
+    features = backends.attention_features(q.shape[1], k.shape[1], window, softcap)
+    chosen = backends.select(backend, q.device, q.dtype, q.shape[-1], features)
     seed = _draw_seed() if dropout_p > 0.0 else 0
-    return chosen.attention(q, k, v, bool(causal), key_padding_mask, float(dropout_p), scale, seed)
+    return chosen.attention(q, k, v, bool(causal), key_padding_mask, float(dropout_p), scale, seed,
+                            0 if window is None else int(window), 0.0 if softcap is None else float(softcap))
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

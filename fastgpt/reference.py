@@ -8,6 +8,8 @@ matmul, materialising the (Tq, Tk) score matrix exactly as chapter 3 of
 Beyond the book: Tq <= Tk with bottom-right causal alignment (decoding with a KV
 cache), a key padding mask, rows with no visible key return zeros, and dropout uses
 the counter-based Philox stream of csrc/philox.h so its mask equals the kernels'.
+And what today's models add: grouped-query attention (k, v with Hkv heads, Hq % Hkv == 0),
+sliding windows and Gemma 2's logit softcap.
 """
 from __future__ import annotations
 
@@ -55,48 +57,62 @@ def dropout_keep_mask(seed: int, B: int, H: int, Tq: int, Tk: int, dropout_p: fl
 
 
 def visible_keys(Tq: int, Tk: int, causal: bool, key_padding_mask: torch.Tensor | None,
-                 device: torch.device | str) -> torch.Tensor:
+                 device: torch.device | str, window: int | None = None) -> torch.Tensor:
     """bool (B or 1, 1, Tq, Tk): True where query i may attend to key j.
-    Causal is bottom-right aligned: j <= i + (Tk - Tq)."""
+    With p = i + (Tk - Tq) the query's position: causal sees j <= p (bottom-right aligned);
+    a window W keeps p - W < j (causal) or |j - p| < W (non-causal)."""
+    position = torch.arange(Tq, device=device)[:, None] + (Tk - Tq)  # (Tq, 1)
+    j = torch.arange(Tk, device=device)[None, :]  # (1, Tk)
     keep = torch.ones(Tq, Tk, dtype=torch.bool, device=device)
     if causal:  # the book's torch.triu(ones, diagonal=1) mask, shifted for Tq < Tk
-        keep = ~torch.triu(keep, diagonal=1 + Tk - Tq)
+        keep = keep & (j <= position)
+    if window is not None:
+        keep = keep & ((j > position - window) if causal else ((j - position).abs() < window))
     keep = keep[None, None]
     if key_padding_mask is not None:
         keep = keep & key_padding_mask[:, None, None, :]
     return keep
 
 
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float | None, softcap: float | None) -> torch.Tensor:
+    """(B, Hq, Tq, Tk) scaled (and soft-capped) scores; k (B, Hkv, Tk, D) is repeated per query
+    head group here, as transformers' repeat_kv does (query head h reads kv head h // (Hq // Hkv))."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if softcap is not None:  # Gemma 2's attn_logit_softcapping, before any mask
+        scores = softcap * torch.tanh(scores / softcap)
+    return scores
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-              scale: float | None = None, seed: int = 0) -> torch.Tensor:
+              scale: float | None = None, seed: int = 0, window: int | None = None,
+              softcap: float | None = None) -> torch.Tensor:
     """Naive attention in the dtype of q.
-    q (B, H, Tq, D); k, v (B, H, Tk, D); key_padding_mask bool (B, Tk), True = keep."""
+    q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D), Hq % Hkv == 0; key_padding_mask bool (B, Tk), True = keep."""
     B, H, Tq, D = q.shape
     Tk = k.shape[-2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-    keep = visible_keys(Tq, Tk, causal, key_padding_mask, q.device)
+    scores = _scores(q, k, scale, softcap)  # (B, Hq, Tq, Tk)
+    keep = visible_keys(Tq, Tk, causal, key_padding_mask, q.device, window)
     scores = scores.masked_fill(~keep, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     # A row with no visible key is all -inf, so softmax gives NaN there: such rows are zeros.
     weights = torch.where(keep.any(dim=-1, keepdim=True), weights, torch.zeros_like(weights))
-    if dropout_p > 0.0:
+    if dropout_p > 0.0:  # keyed by the query head b * Hq + h
         kept = dropout_keep_mask(seed, B, H, Tq, Tk, dropout_p, q.device)
         weights = torch.where(kept, weights / (1.0 - dropout_p), torch.zeros_like(weights))
-    return weights @ v
+    return weights @ v.repeat_interleave(H // v.shape[1], dim=1)
 
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, causal: bool = True,
                   key_padding_mask: torch.Tensor | None = None,
-                  scale: float | None = None) -> torch.Tensor:
-    """(B, H, Tq) log-sum-exp of the scaled, masked scores (-inf for rows with no visible key):
+                  scale: float | None = None, window: int | None = None,
+                  softcap: float | None = None) -> torch.Tensor:
+    """(B, Hq, Tq) log-sum-exp of the scaled, masked scores (-inf for rows with no visible key):
     what the fused kernels save for their backward pass."""
-    Tq, D = q.shape[-2:]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale
-    keep = visible_keys(Tq, k.shape[-2], causal, key_padding_mask, q.device)
-    return torch.logsumexp(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    keep = visible_keys(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device, window)
+    return torch.logsumexp(_scores(q, k, scale, softcap).masked_fill(~keep, float("-inf")), dim=-1)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -68,9 +68,10 @@ def float64_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).double()
 
 
-def attention_oracle(q, k, v, causal, key_padding_mask=None, dropout_p=0.0, scale=None, seed=0):
+def attention_oracle(q, k, v, causal, key_padding_mask=None, dropout_p=0.0, scale=None, seed=0, window=None,
+                     softcap=None):
     """(float64 oracle, same-dtype naive result) for the same call."""
     oracle = reference.attention(q.double(), k.double(), v.double(), causal, key_padding_mask,
-                                 dropout_p, scale, seed)
-    same = reference.attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed)
+                                 dropout_p, scale, seed, window, softcap)
+    same = reference.attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap)
     return oracle, same

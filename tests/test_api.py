@@ -17,12 +17,12 @@ def qkv(B=2, H=3, Tq=5, Tk=5, D=16, dtype=torch.float32):
 # ---- attention input validation: each message says what was expected -------------------
 
 @pytest.mark.parametrize("bad, message", [
-    (lambda q, k, v: (q[0], k, v), r"q must be 4-D \(B, H, Tq, D\), got shape \(3, 5, 16\)"),
-    (lambda q, k, v: (q, k[..., 0], v), r"k must be 4-D \(B, H, Tk, D\)"),
+    (lambda q, k, v: (q[0], k, v), r"q must be 4-D \(B, Hq, Tq, D\), got shape \(3, 5, 16\)"),
+    (lambda q, k, v: (q, k[..., 0], v), r"k must be 4-D \(B, Hkv, Tk, D\)"),
     (lambda q, k, v: (q, k, v[:, :, :4]), r"k and v must have the same shape"),
-    (lambda q, k, v: (q[:1], k, v), r"must agree in B, H and D"),
-    (lambda q, k, v: (q[:, :2], k, v), r"must agree in B, H and D"),
-    (lambda q, k, v: (q[..., :8], k, v), r"must agree in B, H and D"),
+    (lambda q, k, v: (q[:1], k, v), r"must agree in B and D"),
+    (lambda q, k, v: (q[:, :2], k, v), r"the query heads Hq must be a multiple of the key/value heads Hkv \(grouped-query attention\), got Hq = 2 and Hkv = 3"),
+    (lambda q, k, v: (q[..., :8], k, v), r"must agree in B and D"),
     (lambda q, k, v: (q, k.half(), v.half()), r"must share one dtype"),
     (lambda q, k, v: (q.int(), k, v), r"q must be float16, bfloat16, float32 or float64 \(float64: naive, sdpa, cpu\), got torch.int32"),
     (lambda q, k, v: (q[:, :, :0], k, v), r"B, H, Tq, Tk and D must all be at least 1, got q \(2, 3, 0, 16\)"),
@@ -57,6 +57,37 @@ def test_attention_rejects_bad_dropout(p):
 def test_attention_rejects_bad_scale(scale):
     with pytest.raises(ValueError, match="scale must be a finite number or None"):
         fastgpt.attention(*qkv(), scale=scale, backend="naive")
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.0, True, "8"])
+def test_attention_rejects_bad_window(window):
+    with pytest.raises(ValueError, match=r"fastgpt.attention: window must be an int >= 1 \(keys per query, itself "
+                                         r"included\) or None, got "):
+        fastgpt.attention(*qkv(), window=window, backend="naive")
+
+
+@pytest.mark.parametrize("softcap", [0.0, -1.0, float("inf"), float("nan"), True, "30"])
+def test_attention_rejects_bad_softcap(softcap):
+    with pytest.raises(ValueError, match=r"fastgpt.attention: softcap must be a positive finite number or None, got "):
+        fastgpt.attention(*qkv(), softcap=softcap, backend="naive")
+
+
+@pytest.mark.parametrize("kwargs, kv_heads, feature", [
+    ({}, 1, "grouped-query attention \(k, v with fewer heads than q\)"),
+    ({"window": 4}, 3, "a sliding window"),
+    ({"softcap": 30.0}, 3, "a logit softcap"),
+])
+def test_a_backend_without_a_feature_refuses_it_and_auto_falls_back(kwargs, kv_heads, feature, monkeypatch):
+    q, k, v = qkv()
+    k, v = k[:, :kv_heads], v[:, :kv_heads]
+    monkeypatch.setattr(backends.REGISTRY["cpu"], "features", frozenset())
+    with pytest.raises(ValueError, match=rf"fastgpt.attention: backend='cpu' cannot run this call: {feature} is not "
+                                         rf"implemented in this backend"):
+        fastgpt.attention(q, k, v, backend="cpu", **kwargs)
+    if fastgpt.info()["cpu"]["available"]:
+        out = fastgpt.attention(q, k, v, **kwargs)  # auto: the next backend that has the feature
+        assert_close(out, reference.attention(q.double(), k.double(), v.double(), True, None, 0.0, None, 0,
+                                              kwargs.get("window"), kwargs.get("softcap")))
 
 
 def test_unknown_backend_lists_choices():
@@ -210,6 +241,38 @@ def test_torch_backends_match_the_oracle(backend, dtype, shape, causal, masked):
     assert out.dtype == dtype and out.shape == q.shape
     if backend == "naive":
         assert torch.equal(out, same)
+    assert_close(out, oracle, same)
+
+
+def test_reference_window_and_softcap_follow_their_definitions():
+    """The oracle against a per-element loop over the contract's definitions (p = i + Tk - Tq)."""
+    q, k, v = make_qkv(1, 4, 5, 9, 8, torch.float64)
+    k, v = k[:, :2], v[:, :2]  # GQA: query head h reads kv head h // 2
+    for causal in (True, False):
+        for window in (1, 3, 20):
+            out = reference.attention(q, k, v, causal, None, 0.0, 0.5, 0, window, 2.0)
+            for h in range(4):
+                for i in range(5):
+                    p = i + 9 - 5
+                    keys = [j for j in range(9) if (j <= p if causal else True)
+                            and (p - window < j if causal else abs(j - p) < window)]
+                    s = 2.0 * torch.tanh(0.5 * k[0, h // 2, keys] @ q[0, h, i] / 2.0)
+                    want = torch.softmax(s, 0) @ v[0, h // 2, keys] if keys else torch.zeros(8, dtype=torch.float64)
+                    torch.testing.assert_close(out[0, h, i], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("kv_heads, window, softcap", [(1, None, None), (2, 3, None), (4, 6, None), (2, None, 5.0),
+                                                       (1, 2, 3.0)], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_torch_backends_run_gqa_windows_and_softcap(backend, kv_heads, window, softcap, causal):
+    q, k, v = make_qkv(2, 4, 7, 11, 16)
+    k, v = k[:, :kv_heads], v[:, :kv_heads]
+    mask = padding_mask(2, 11)
+    out = fastgpt.attention(q, k, v, causal=causal, key_padding_mask=mask, window=window, softcap=softcap,
+                            backend=backend)
+    oracle, same = attention_oracle(q, k, v, causal, mask, window=window, softcap=softcap)
+    assert out.shape == q.shape
     assert_close(out, oracle, same)
 
 

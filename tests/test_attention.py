@@ -35,23 +35,27 @@ def attention(backend, q, k, v, **kwargs):
     return fastgpt.attention(q, k, v, backend=backend, **kwargs)
 
 
-def oracle_grads(q, k, v, grad_out, causal, mask=None, dropout_p=0.0, scale=None, seed=0, dtype=torch.float64):
+def oracle_grads(q, k, v, grad_out, causal, mask=None, dropout_p=0.0, scale=None, seed=0, dtype=torch.float64,
+                 window=None, softcap=None):
     """(dq, dk, dv) of reference.attention in `dtype` (float64: the oracle; q's dtype: the naive baseline)."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out = reference.attention(*leaves, causal, mask, dropout_p, scale, seed)
+    out = reference.attention(*leaves, causal, mask, dropout_p, scale, seed, window, softcap)
     return torch.autograd.grad(out, leaves, grad_out.to(dtype))
 
 
-def check_grads(backend, q, k, v, causal, mask=None, dropout_p=0.0, scale=None, manual_seed=0):
+def check_grads(backend, q, k, v, causal, mask=None, dropout_p=0.0, scale=None, manual_seed=0, window=None,
+                softcap=None):
     """Gradients of the backend (public API, autograd) against the float64 oracle."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(q)
     seed = drawn_seed(manual_seed) if dropout_p > 0 else 0
     torch.manual_seed(manual_seed)
-    out = attention(backend, q, k, v, causal=causal, key_padding_mask=mask, dropout_p=dropout_p, scale=scale)
+    out = attention(backend, q, k, v, causal=causal, key_padding_mask=mask, dropout_p=dropout_p, scale=scale,
+                    window=window, softcap=softcap)
     got = torch.autograd.grad(out, (q, k, v), grad_out)
-    want = oracle_grads(q, k, v, grad_out, causal, mask, dropout_p, scale, seed)
-    same = oracle_grads(q, k, v, grad_out, causal, mask, dropout_p, scale, seed, dtype=q.dtype)
+    options = dict(window=window, softcap=softcap)
+    want = oracle_grads(q, k, v, grad_out, causal, mask, dropout_p, scale, seed, **options)
+    same = oracle_grads(q, k, v, grad_out, causal, mask, dropout_p, scale, seed, dtype=q.dtype, **options)
     for name, g, w, s in zip(("dq", "dk", "dv"), got, want, same):
         assert g.shape == w.shape and g.dtype == q.dtype
         assert_close(g, w, s, what=name)
@@ -204,7 +208,7 @@ def test_gradcheck_float64():
             (q, k, v))
     # dropout: a fixed seed makes the function deterministic
     assert torch.autograd.gradcheck(
-        lambda q, k, v: torch.ops.fastgpt.attention_fwd(q, k, v, mask, True, 0.5, 0.3, 1234)[0], (q, k, v))
+        lambda q, k, v: torch.ops.fastgpt.attention_fwd(q, k, v, mask, True, 0.5, 0.3, 1234, 0, 0.0)[0], (q, k, v))
 
 
 # ---- dropout ------------------------------------------------------------------------------
@@ -268,7 +272,7 @@ def test_cpu_dropout_mask_is_bit_identical_to_reference(seed):
     B, H, Tq, Tk, p = 2, 3, 37, 130, 0.4
     q = torch.zeros(B, H, Tq, Tk)
     v = torch.eye(Tk).expand(B, H, Tk, Tk).contiguous()
-    out, _ = torch.ops.fastgpt.attention_fwd(q, v, v, None, False, 1.0, p, seed)
+    out, _ = torch.ops.fastgpt.attention_fwd(q, v, v, None, False, 1.0, p, seed, 0, 0.0)
     kept = out * ((1 - p) * Tk) > 0.5
     assert torch.equal(kept, reference.dropout_keep_mask(seed, B, H, Tq, Tk, p))
 
@@ -280,7 +284,7 @@ def test_cpu_lse_matches_reference(causal):
     B, H, Tq, Tk, D = 2, 2, 70, 45, 24  # Tq > Tk: under the causal mask early rows have lse = -inf
     q, k, v = make_qkv(B, H, Tq, Tk, D)
     mask = padding_mask(B, Tk)
-    _, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, causal, 0.3, 0.0, 0)
+    _, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, causal, 0.3, 0.0, 0, 0, 0.0)
     assert lse.shape == (B, H, Tq)
     assert_lse_matches(lse, reference.attention_lse(q.double(), k.double(), causal, mask, 0.3))
 
@@ -290,20 +294,22 @@ def test_cpu_lse_matches_reference(causal):
 def test_cpu_opcheck(dtype):
     q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 17, 37, 16, dtype=dtype))
     mask = padding_mask(2, 37)
-    fwd_args = (q, k, v, mask, True, 0.25, 0.1, 42)
+    fwd_args = (q, k, v, mask, True, 0.25, 0.1, 42, 0, 0.0)
     torch.library.opcheck(torch.ops.fastgpt.attention_fwd.default, fwd_args)
     out, lse = torch.ops.fastgpt.attention_fwd(*fwd_args)
     grad_out = torch.randn_like(out)
-    bwd_args = (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), mask, True, 0.25, 0.1, 42)
+    bwd_args = (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), mask, True, 0.25, 0.1, 42, 0, 0.0)
     torch.library.opcheck(torch.ops.fastgpt.attention_bwd.default, bwd_args)
 
 
 @pytest.mark.parametrize("args, message", [
     (lambda q, k, v: (q, k, v, torch.ones(2, 5, dtype=torch.bool), True, 1.0, 0.0, 0),
      r"fastgpt::attention_fwd: key_padding_mask must be bool \(B, Tk\) = \(2, 4\), got Bool \[2, 5\]"),
-    (lambda q, k, v: (q, k, v, None, True, 1.0, 1.0, 0), r"fastgpt::attention_fwd: dropout_p must be in \[0, 1\), got 1"),
-    (lambda q, k, v: (q, k[:, :1], v[:, :1], None, True, 1.0, 0.0, 0), r"fastgpt::attention_fwd: q and k, v must agree in B, H and D"),
-    (lambda q, k, v: (q, k.double(), v.double(), None, True, 1.0, 0.0, 0), r"fastgpt::attention_fwd: q, k and v must share one dtype, got Float, Double, Double"),
+    (lambda q, k, v: (q, k, v, None, True, 1.0, 1.0, 0, 0, 0.0), r"fastgpt::attention_fwd: dropout_p must be in \[0, 1\), got 1"),
+    (lambda q, k, v: (q, k[:, :, :, :4], v[:, :, :, :4], None, True, 1.0, 0.0, 0, 0, 0.0), r"fastgpt::attention_fwd: q and k, v must agree in B and D"),
+    (lambda q, k, v: (q, k[:, :1], v[:, :1], None, True, 1.0, 0.0, 0, 0, 0.0), r"fastgpt::attention_fwd: grouped-query attention \(Hq = 2, Hkv = 1\) is not implemented in the CPU kernels"),
+    (lambda q, k, v: (q, k, v, None, True, 1.0, 0.0, 0, -1, 0.0), r"fastgpt::attention_fwd: window must be >= 0 \(0: none\), got -1"),
+    (lambda q, k, v: (q, k.double(), v.double(), None, True, 1.0, 0.0, 0, 0, 0.0), r"fastgpt::attention_fwd: q, k and v must share one dtype, got Float, Double, Double"),
 ])
 def test_cpu_kernel_checks_its_preconditions(args, message):
     with pytest.raises(RuntimeError, match=message):
@@ -314,10 +320,10 @@ def test_cpu_kernel_head_dims_are_the_declared_ones():
     # backends.py declares the cpu backend's head dims; the C++ kernels enforce their own limit.
     dims = backends.REGISTRY["cpu"].head_dims
     for D in (dims[0], dims[-1]):
-        torch.ops.fastgpt.attention_fwd(*make_qkv(1, 1, 2, 2, D), None, True, 1.0, 0.0, 0)
+        torch.ops.fastgpt.attention_fwd(*make_qkv(1, 1, 2, 2, D), None, True, 1.0, 0.0, 0, 0, 0.0)
     with pytest.raises(RuntimeError, match=rf"fastgpt::attention_fwd: head dim must be 1..{dims[-1]} "
                                            rf"\(the CPU kernels\), got {dims[-1] + 1}"):
-        torch.ops.fastgpt.attention_fwd(*make_qkv(1, 1, 2, 2, dims[-1] + 1), None, True, 1.0, 0.0, 0)
+        torch.ops.fastgpt.attention_fwd(*make_qkv(1, 1, 2, 2, dims[-1] + 1), None, True, 1.0, 0.0, 0, 0, 0.0)
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, database=None)
@@ -328,7 +334,7 @@ def test_cpu_property_random_shapes(B, H, Tq, Tk, D, causal, masked, dropout_p, 
     """Any shape, head dim, mask, scale and dropout: output, lse and gradients match the oracle."""
     q, k, v = (t.requires_grad_() for t in make_qkv(B, H, Tq, Tk, D, generator_seed=mask_seed))
     mask = (torch.rand(B, Tk, generator=torch.Generator().manual_seed(mask_seed)) > 0.4) if masked else None
-    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, causal, scale, dropout_p, mask_seed)
+    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, causal, scale, dropout_p, mask_seed, 0, 0.0)
     oracle = reference.attention(q.double(), k.double(), v.double(), causal, mask, dropout_p, scale, mask_seed)
     assert_close(out, oracle)
     assert_lse_matches(lse, reference.attention_lse(q.double(), k.double(), causal, mask, scale))
@@ -388,3 +394,87 @@ def test_cpu_allocates_nothing_quadratic(backward):
 def test_peak_memory_measure_catches_the_naive_backend():
     """The measure above is not vacuous: the book's attention materialises (Tq, Tk) matrices."""
     assert peak_extra_bytes("naive", False) > SCORE_MATRIX_BYTES
+
+
+# ---- modern attention: grouped-query heads, sliding windows, logit softcap -----------------
+# Every fused backend runs these once it declares the feature (fastgpt/backends.py); which
+# backends must declare which features is pinned by test_declared_attention_features.
+
+DECLARED_FEATURES = {"cpu": frozenset(), "cuda": frozenset(), "triton": frozenset()}
+
+
+def test_declared_attention_features():
+    for name, features in DECLARED_FEATURES.items():
+        assert backends.REGISTRY[name].features == features, name
+
+
+def require_features(backend, **options):
+    needed = backends.attention_features(options.get("q_heads", 1), options.get("kv_heads", 1),
+                                         options.get("window"), options.get("softcap"))
+    missing = needed - backends.REGISTRY[backend].features
+    if missing:
+        pytest.skip(f"{backend} does not declare {', '.join(sorted(missing))} (test_declared_attention_features "
+                    f"pins that)")
+
+
+def gqa_inputs(B, Hq, Hkv, Tq, Tk, D, device, dtype=torch.float32, transposed=False):
+    q, _, _ = make_qkv(B, Hq, Tq, Tk, D, dtype=dtype, device=device, transposed=transposed)
+    _, k, v = make_qkv(B, Hkv, Tq, Tk, D, dtype=dtype, device=device, transposed=transposed, generator_seed=5)
+    return q, k, v
+
+
+MODERN_CASES = [  # B, Hq, Hkv, Tq, Tk, D, window, softcap
+    (2, 4, 2, 37, 37, 32, None, None),     # GQA, group 2
+    (1, 6, 1, 17, 130, 64, None, None),    # MQA, decoding Tq < Tk
+    (2, 2, 2, 130, 130, 16, 16, None),     # window smaller than a tile
+    (1, 4, 2, 300, 333, 32, 100, None),    # window across tiles, GQA, Tq < Tk
+    (1, 2, 2, 61, 61, 64, 1, None),        # window 1: each query sees only itself (causal)
+    (2, 2, 1, 37, 64, 32, None, 5.0),      # softcap with MQA
+    (1, 4, 2, 130, 130, 128, 33, 20.0),    # all three
+]
+
+
+def modern_id(case):
+    B, Hq, Hkv, Tq, Tk, D, window, softcap = case
+    return f"B{B}Hq{Hq}Hkv{Hkv}Tq{Tq}Tk{Tk}D{D}-w{window}-cap{softcap}"
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", MODERN_CASES, ids=modern_id)
+def test_modern_forward_matches_oracle(kernel, case, causal):
+    backend, device = kernel
+    B, Hq, Hkv, Tq, Tk, D, window, softcap = case
+    require_features(backend, q_heads=Hq, kv_heads=Hkv, window=window, softcap=softcap)
+    q, k, v = gqa_inputs(B, Hq, Hkv, Tq, Tk, D, device)
+    mask = padding_mask(B, Tk, device=device)
+    out = attention(backend, q, k, v, causal=causal, key_padding_mask=mask, window=window, softcap=softcap)
+    assert out.shape == q.shape
+    assert_close(out, *attention_oracle(q, k, v, causal, mask, window=window, softcap=softcap))
+
+
+@pytest.mark.parametrize("case", MODERN_CASES, ids=modern_id)
+def test_modern_gradients_match_oracle(kernel, case):
+    backend, device = kernel
+    B, Hq, Hkv, Tq, Tk, D, window, softcap = case
+    require_features(backend, q_heads=Hq, kv_heads=Hkv, window=window, softcap=softcap)
+    q, k, v = gqa_inputs(B, Hq, Hkv, Tq, Tk, D, device)
+    check_grads(backend, q, k, v, True, padding_mask(B, Tk, device=device), window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_modern_low_precision_and_noncontiguous(kernel, dtype):
+    backend, device = kernel
+    skip_unsupported_dtype(backend, device, dtype)
+    require_features(backend, q_heads=4, kv_heads=2, window=20, softcap=30.0)
+    q, k, v = gqa_inputs(2, 4, 2, 61, 61, 64, device, dtype=dtype, transposed=True)
+    out = attention(backend, q, k, v, causal=True, window=20, softcap=30.0)
+    assert_close(out, *attention_oracle(q, k, v, True, window=20, softcap=30.0))
+    check_grads(backend, q, k, v, True, window=20, softcap=30.0)
+
+
+def test_modern_dropout_matches_the_oracle_mask(kernel):
+    """Dropout with GQA and a window: the Philox mask is keyed by the query head (b * Hq + h)."""
+    backend, device = kernel
+    require_features(backend, q_heads=4, kv_heads=2, window=9)
+    q, k, v = gqa_inputs(1, 4, 2, 37, 37, 16, device)
+    check_grads(backend, q, k, v, True, dropout_p=0.3, manual_seed=11, window=9)

@@ -175,7 +175,7 @@ def test_unsupported_head_dim_is_refused_naming_the_supported_ones(head_dim):
     q, k, v = make_qkv(1, 1, 4, 4, head_dim, torch.float16, "cuda")
     with pytest.raises(RuntimeError, match=rf"fastgpt::attention_fwd: head dim must be 16, 32, 64 or 128 "
                                            rf"\(the compiled CUDA kernels\), got {head_dim}"):
-        torch.ops.fastgpt.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0)
+        torch.ops.fastgpt.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0, 0, 0.0)
 
 
 @needs_gpu
@@ -183,7 +183,7 @@ def test_unsupported_dtype_is_refused_naming_the_supported_ones():
     q, k, v = make_qkv(1, 1, 4, 4, 64, torch.float64, "cuda")
     with pytest.raises(RuntimeError, match=r"fastgpt::attention_fwd: dtype must be float16, bfloat16 or float32 "
                                            r"\(the CUDA kernels\), got Double"):
-        torch.ops.fastgpt.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0)
+        torch.ops.fastgpt.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0, 0, 0.0)
     x = torch.randn(3, 8, dtype=torch.float64, device="cuda")
     with pytest.raises(RuntimeError, match=r"fastgpt::layer_norm_fwd: dtype must be float16, bfloat16 or float32"):
         torch.ops.fastgpt.layer_norm_fwd(x, torch.ones(8, dtype=x.dtype, device="cuda"),
@@ -202,8 +202,8 @@ def test_mismatched_layer_norm_weight_is_refused():
 
 def attention_step(q, k, v, grad_out, mask):
     """Forward and backward ops of one attention call: (out, lse, dq, dk, dv)."""
-    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, True, 0.125, 0.1, 1234)
-    grads = torch.ops.fastgpt.attention_bwd(grad_out, q, k, v, out, lse, mask, True, 0.125, 0.1, 1234)
+    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, True, 0.125, 0.1, 1234, 0, 0.0)
+    grads = torch.ops.fastgpt.attention_bwd(grad_out, q, k, v, out, lse, mask, True, 0.125, 0.1, 1234, 0, 0.0)
     return (out, lse, *grads)
 
 
@@ -265,7 +265,7 @@ def test_kernels_run_on_the_current_stream():
     q, k, v = make_qkv(1, 2, 256, 256, 64, torch.float16, "cuda")
     x = torch.randn(512, 1024, dtype=torch.float16, device="cuda")
     weight, bias = torch.ones(1024, dtype=x.dtype, device="cuda"), torch.zeros(1024, dtype=x.dtype, device="cuda")
-    want_out = torch.ops.fastgpt.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0)[0]
+    want_out = torch.ops.fastgpt.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0, 0, 0.0)[0]
     want_y = torch.ops.fastgpt.layer_norm_fwd(x, weight, bias, 1e-5)[0]
     q_side, x_side = torch.zeros_like(q), torch.zeros_like(x)
     torch.cuda.synchronize()
@@ -274,7 +274,7 @@ def test_kernels_run_on_the_current_stream():
         torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the copies land
         q_side.copy_(q)
         x_side.copy_(x)
-        got_out = torch.ops.fastgpt.attention_fwd(q_side, k, v, None, True, 0.125, 0.0, 0)[0]
+        got_out = torch.ops.fastgpt.attention_fwd(q_side, k, v, None, True, 0.125, 0.0, 0, 0, 0.0)[0]
         got_y = torch.ops.fastgpt.layer_norm_fwd(x_side, weight, bias, 1e-5)[0]
     side.synchronize()
     assert torch.equal(got_out, want_out)
@@ -326,10 +326,10 @@ def test_dropout_mask_is_bit_identical_to_reference(seed):
     B, H, T, D, p = 2, 3, 64, 64, 0.3
     q, k, _ = make_qkv(B, H, T, T, D, torch.float32, "cuda")
     v = torch.eye(T, device="cuda").expand(B, H, T, D).contiguous()
-    out, _ = torch.ops.fastgpt.attention_fwd(q, k, v, None, False, D ** -0.5, p, seed)
+    out, _ = torch.ops.fastgpt.attention_fwd(q, k, v, None, False, D ** -0.5, p, seed, 0, 0.0)
     keep = reference.dropout_keep_mask(seed, B, H, T, T, p, "cuda")
     assert torch.equal(out != 0, keep)
-    cpu_out, _ = torch.ops.fastgpt.attention_fwd(q.cpu(), k.cpu(), v.cpu(), None, False, D ** -0.5, p, seed)
+    cpu_out, _ = torch.ops.fastgpt.attention_fwd(q.cpu(), k.cpu(), v.cpu(), None, False, D ** -0.5, p, seed, 0, 0.0)
     assert torch.equal(cpu_out != 0, keep.cpu())
     assert_close(out, reference.attention(q.double(), k.double(), v.double(), False, None, p, D ** -0.5, seed))
 
@@ -340,7 +340,7 @@ def test_dropout_forward_and_backward_match_the_oracle(causal):
     q, k, v = make_qkv(2, 2, 77, 93, 32, torch.float32, "cuda")
     mask = padding_mask(2, 93, "cuda", fully_masked_row=False)
     grad_out = torch.randn_like(q)
-    args = (mask, causal, 0.2, 0.35, 99)
+    args = (mask, causal, 0.2, 0.35, 99, 0, 0.0)
     out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, *args)
     grads = torch.ops.fastgpt.attention_bwd(grad_out, q, k, v, out, lse, *args)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]

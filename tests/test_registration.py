@@ -11,9 +11,10 @@ from conftest import HAS_GPU
 
 SCHEMAS = {
     "attention_fwd": "fastgpt::attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, "
-                     "float scale, float dropout_p, int seed) -> (Tensor out, Tensor lse)",
+                     "float scale, float dropout_p, int seed, int window, float softcap) -> (Tensor out, Tensor lse)",
     "attention_bwd": "fastgpt::attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-                     "Tensor? key_padding_mask, bool causal, float scale, float dropout_p, int seed) "
+                     "Tensor? key_padding_mask, bool causal, float scale, float dropout_p, int seed, int window, "
+                     "float softcap) "
                      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)",
     "layer_norm_fwd": "fastgpt::layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) "
                       "-> (Tensor y, Tensor mean, Tensor rstd)",

@@ -76,7 +76,7 @@ def test_dropout_mask_is_the_reference_philox_mask(device, kernels, causal, Tq, 
     q = torch.zeros(B, H, Tq, Tk, device=device)
     k = torch.randn(B, H, Tk, Tk, generator=torch.Generator().manual_seed(0)).to(device)
     v = torch.eye(Tk, device=device).expand(B, H, Tk, Tk)
-    out, _ = triton_attention.attention_fwd(q, k, v, None, causal, 0.125, p, seed)
+    out, _ = triton_attention.attention_fwd(q, k, v, None, causal, 0.125, p, seed, 0, 0.0)
     keep = reference.dropout_keep_mask(seed, B, H, Tq, Tk, p, device)
     visible = reference.visible_keys(Tq, Tk, causal, None, device)
     assert torch.equal(out != 0, keep & visible)
@@ -150,7 +150,7 @@ def test_saved_lse_equals_the_reference_lse(device, kernels, dtype, causal, Tq, 
     q, k, v = make_qkv(2, 2, Tq, Tk, 32, dtype=dtype, device=device)
     mask = padding_mask(2, Tk, device=device)  # batch 0 sees no key at all
     scale = 0.3
-    out, lse = triton_attention.attention_fwd(q, k, v, mask, causal, scale, 0.0, 0)
+    out, lse = triton_attention.attention_fwd(q, k, v, mask, causal, scale, 0.0, 0, 0, 0.0)
     want = reference.attention_lse(q.double(), k.double(), causal, mask, scale)
     assert lse.dtype == torch.float32 and lse.shape == (2, 2, Tq)
     no_key = torch.isneginf(want)
@@ -186,11 +186,11 @@ def test_opcheck(device, kernels):
     triton_attention, triton_layer_norm, _ = kernels
     q, k, v = make_qkv(1, 2, 17, 23, 16, device=device, requires_grad=True)
     mask = padding_mask(1, 23, device=device, fully_masked_row=False)
-    torch.library.opcheck(triton_attention.attention_fwd, (q, k, v, mask, True, 0.25, 0.2, 5))
-    out, lse = triton_attention.attention_fwd(q, k, v, mask, True, 0.25, 0.2, 5)
+    torch.library.opcheck(triton_attention.attention_fwd, (q, k, v, mask, True, 0.25, 0.2, 5, 0, 0.0))
+    out, lse = triton_attention.attention_fwd(q, k, v, mask, True, 0.25, 0.2, 5, 0, 0.0)
     torch.library.opcheck(triton_attention.attention_bwd,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), mask,
-                           True, 0.25, 0.2, 5))
+                           True, 0.25, 0.2, 5, 0, 0.0))
     x = torch.randn(9, 40, device=device, requires_grad=True)
     w, b = torch.randn(40, device=device, requires_grad=True), torch.randn(40, device=device, requires_grad=True)
     torch.library.opcheck(triton_layer_norm.layer_norm_fwd, (x, w, b, 1e-5))
@@ -219,13 +219,13 @@ def test_ops_check_their_own_preconditions(device, kernels):
     triton_attention, triton_layer_norm, _ = kernels
     q, k, v = make_qkv(1, 1, 8, 8, 24, device=device)
     with pytest.raises(RuntimeError, match=r"fastgpt::triton_attention_fwd: head dim must be 16, 32, 64 or 128, got 24"):
-        triton_attention.attention_fwd(q, k, v, None, True, 0.2, 0.0, 0)
+        triton_attention.attention_fwd(q, k, v, None, True, 0.2, 0.0, 0, 0, 0.0)
     q, k, v = make_qkv(1, 1, 8, 8, 16, device=device)
     with pytest.raises(RuntimeError, match=r"key_padding_mask must be bool \(B, Tk\) = \(1, 8\), got torch.bool \(1, 7\)"):
-        triton_attention.attention_fwd(q, k, v, torch.ones(1, 7, dtype=torch.bool, device=device), True, 0.2, 0.0, 0)
+        triton_attention.attention_fwd(q, k, v, torch.ones(1, 7, dtype=torch.bool, device=device), True, 0.2, 0.0, 0, 0, 0.0)
     if device == "cpu":
         with pytest.raises(RuntimeError, match="interpreter has no bfloat16 tl.dot"):
-            triton_attention.attention_fwd(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, True, 0.2, 0.0, 0)
+            triton_attention.attention_fwd(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, True, 0.2, 0.0, 0, 0, 0.0)
     x = torch.randn(4, 16, device=device)
     w = torch.ones(16, device=device)
     with pytest.raises(RuntimeError, match=r"fastgpt::triton_layer_norm_bwd: mean and rstd must be contiguous float32 "

@@ -563,8 +563,10 @@ void backward(const Problem<scalar_t>& pb, const Gradients<scalar_t, acc_t>& g, 
 constexpr int64_t kMaxHeadDim = 256;
 
 void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const std::optional<at::Tensor>& key_padding_mask, double dropout_p) {
-  check_attention_inputs(op, q, k, v, key_padding_mask, dropout_p);
+                  const std::optional<at::Tensor>& key_padding_mask, double dropout_p, int64_t window,
+                  double softcap) {
+  check_attention_inputs(op, q, k, v, key_padding_mask, dropout_p, window, softcap);
+  check_attention_features(op, "CPU", /*gqa=*/false, /*window=*/false, /*softcap=*/false, q, k, window, softcap);
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, op, ": head dim must be 1..", kMaxHeadDim,
               " (the CPU kernels), got ", q.size(3));
 }
@@ -590,8 +592,8 @@ using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
-    double dropout_p, int64_t seed) {
-  check_inputs("fastgpt::attention_fwd", q_in, k_in, v_in, key_padding_mask, dropout_p);
+    double dropout_p, int64_t seed, int64_t window, double softcap) {
+  check_inputs("fastgpt::attention_fwd", q_in, k_in, v_in, key_padding_mask, dropout_p, window, softcap);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   std::optional<at::Tensor> mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
@@ -611,8 +613,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
-    double dropout_p, int64_t seed) {
-  check_inputs("fastgpt::attention_bwd", q_in, k_in, v_in, key_padding_mask, dropout_p);
+    double dropout_p, int64_t seed, int64_t window, double softcap) {
+  check_inputs("fastgpt::attention_bwd", q_in, k_in, v_in, key_padding_mask, dropout_p, window, softcap);
   check_attention_bwd_inputs("fastgpt::attention_bwd", grad_out_in, q_in, out_in, lse_in);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();

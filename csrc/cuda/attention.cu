@@ -27,8 +27,10 @@ namespace {
 
 // csrc/checks.h, plus what only the CUDA kernels need.
 void check_cuda_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const std::optional<at::Tensor>& key_padding_mask, double dropout_p) {
-  check_attention_inputs(op, q, k, v, key_padding_mask, dropout_p);
+                       const std::optional<at::Tensor>& key_padding_mask, double dropout_p, int64_t window,
+                       double softcap) {
+  check_attention_inputs(op, q, k, v, key_padding_mask, dropout_p, window, softcap);
+  check_attention_features(op, "CUDA", /*gqa=*/false, /*window=*/false, /*softcap=*/false, q, k, window, softcap);
   TORCH_CHECK(q.is_cuda(), op, ": q, k and v must be CUDA tensors, got ", q.device());
   TORCH_CHECK(q.size(2) < 65535LL * 64, op, ": Tq must be below ", 65535LL * 64, " (the launch grid), got ",
               q.size(2));
@@ -51,8 +53,9 @@ std::optional<at::Tensor> contiguous_mask(const std::optional<at::Tensor>& mask)
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v,
                                                       const std::optional<at::Tensor>& key_padding_mask,
-                                                      bool causal, double scale, double dropout_p, int64_t seed) {
-  check_cuda_inputs("fastgpt::attention_fwd", q, k, v, key_padding_mask, dropout_p);
+                                                      bool causal, double scale, double dropout_p, int64_t seed,
+                                                      int64_t window, double softcap) {
+  check_cuda_inputs("fastgpt::attention_fwd", q, k, v, key_padding_mask, dropout_p, window, softcap);
   const c10::cuda::CUDAGuard guard(q.device());
   check_compute_capability();
   const AttentionLauncher launcher = pick_attention_launcher(/*forward=*/true, q.scalar_type(), q.size(3));
@@ -78,8 +81,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
-    double dropout_p, int64_t seed) {
-  check_cuda_inputs("fastgpt::attention_bwd", q, k, v, key_padding_mask, dropout_p);
+    double dropout_p, int64_t seed, int64_t window, double softcap) {
+  check_cuda_inputs("fastgpt::attention_bwd", q, k, v, key_padding_mask, dropout_p, window, softcap);
   check_attention_bwd_inputs("fastgpt::attention_bwd", grad_out, q, out, lse);
   const c10::cuda::CUDAGuard guard(q.device());
   check_compute_capability();

@@ -53,9 +53,10 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def check_capabilities(op: str, kind: str, t: torch.Tensor, head_dim: int | None = None) -> None:
+def check_capabilities(op: str, kind: str, t: torch.Tensor, head_dim: int | None = None,
+                       features: frozenset[str] = frozenset()) -> None:
     """The safety net of the operator fastgpt::<op> (fastgpt.ops validates the public API first):
     the `triton` backend must run `kind` ("attention" / "layer_norm") on t's device and dtype,
     as fastgpt/backends.py declares."""
-    why = backends.refusal("triton", kind, t.device, t.dtype, head_dim)
+    why = backends.refusal("triton", kind, t.device, t.dtype, head_dim, features)
     torch._check(why is None, lambda: f"fastgpt::{op}: {why}")

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _registration
+from .. import _registration, backends
 from . import _launch
 from ._launch import config
 
@@ -414,12 +414,13 @@ _attention_bwd_dq_kernel = _launch.autotune(DQ_CONFIGS, DQ_INTERPRETER_CONFIG, k
 
 # ----------------------------------------------------------------------------- host side
 
-def _launch_args(op, q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
+def _launch_args(op, q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window, softcap):
     """The arguments every attention kernel shares: (pointers, strides, scalars), after the
     `triton` backend's declared capabilities (fastgpt/backends.py) are checked as a safety net."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    _launch.check_capabilities(op, "attention", q, head_dim=D)
+    features = backends.attention_features(H, k.shape[1], window or None, softcap or None)
+    _launch.check_capabilities(op, "attention", q, head_dim=D, features=features)
     torch._check(B * H <= MAX_GRID_Y, lambda: f"fastgpt::{op}: B * H must be at most {MAX_GRID_Y} (the launch "
                                               f"grid), got {B * H}")
     torch._check(k.shape == v.shape and k.shape[:2] == q.shape[:2] and k.shape[3] == D,
@@ -446,12 +447,13 @@ def _launch_args(op, q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
 
 @torch.library.custom_op("fastgpt::triton_attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                  causal: bool, scale: float, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  causal: bool, scale: float, dropout_p: float, seed: int, window: int,
+                  softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Tq, D), k, v (B, H, Tk, D), key_padding_mask bool (B, Tk) or None
     -> out (B, H, Tq, D) contiguous in q's dtype, lse (B, H, Tq) float32 (natural log)."""
     B, H, Tq, D = q.shape
     pointers, strides, scalars = _launch_args("triton_attention_fwd", q, k, v, key_padding_mask, causal, scale,
-                                              dropout_p, seed)
+                                              dropout_p, seed, window, softcap)
     out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)  # (B, H, Tq, D)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)  # (B, H, Tq)
     with _launch.device_guard(q):
@@ -463,13 +465,15 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
 @torch.library.custom_op("fastgpt::triton_attention_bwd", mutates_args=())
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float,
-                  dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  dropout_p: float, seed: int, window: int,
+                  softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """grad_out, out (B, H, Tq, D), lse (B, H, Tq) from attention_fwd -> grad_q (B, H, Tq, D),
     grad_k, grad_v (B, H, Tk, D), contiguous in the inputs' dtype."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     op = "triton_attention_bwd"
-    pointers, strides, scalars = _launch_args(op, q, k, v, key_padding_mask, causal, scale, dropout_p, seed)
+    pointers, strides, scalars = _launch_args(op, q, k, v, key_padding_mask, causal, scale, dropout_p, seed,
+                                              window, softcap)
     torch._check(grad_out.shape == q.shape and out.shape == q.shape,
                  lambda: f"fastgpt::{op}: grad_out and out must have q's shape {tuple(q.shape)}, "
                          f"got {tuple(grad_out.shape)} and {tuple(out.shape)}")
@@ -495,7 +499,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 _registration.register("attention", impl="triton_")  # fake impls, autograd, double-backward guard
 
 
-def attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed):
+def attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap):
     """The `triton` backend's attention: q (B, H, Tq, D), k, v (B, H, Tk, D) -> (B, H, Tq, D).
     Inputs are validated by fastgpt.ops; differentiable in q, k, v."""
-    return attention_fwd(q, k, v, key_padding_mask, causal, scale, dropout_p, seed)[0]
+    return attention_fwd(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window, softcap)[0]
