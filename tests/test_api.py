@@ -73,7 +73,7 @@ def test_attention_rejects_bad_softcap(softcap):
 
 
 @pytest.mark.parametrize("kwargs, kv_heads, feature", [
-    ({}, 1, "grouped-query attention \(k, v with fewer heads than q\)"),
+    ({}, 1, r"grouped-query attention \(k, v with fewer heads than q\)"),
     ({"window": 4}, 3, "a sliding window"),
     ({"softcap": 30.0}, 3, "a logit softcap"),
 ])

@@ -303,7 +303,7 @@ def test_cpu_opcheck(dtype):
 
 
 @pytest.mark.parametrize("args, message", [
-    (lambda q, k, v: (q, k, v, torch.ones(2, 5, dtype=torch.bool), True, 1.0, 0.0, 0),
+    (lambda q, k, v: (q, k, v, torch.ones(2, 5, dtype=torch.bool), True, 1.0, 0.0, 0, 0, 0.0),
      r"fastgpt::attention_fwd: key_padding_mask must be bool \(B, Tk\) = \(2, 4\), got Bool \[2, 5\]"),
     (lambda q, k, v: (q, k, v, None, True, 1.0, 1.0, 0, 0, 0.0), r"fastgpt::attention_fwd: dropout_p must be in \[0, 1\), got 1"),
     (lambda q, k, v: (q, k[:, :, :, :4], v[:, :, :, :4], None, True, 1.0, 0.0, 0, 0, 0.0), r"fastgpt::attention_fwd: q and k, v must agree in B and D"),
