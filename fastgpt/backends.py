@@ -157,16 +157,16 @@ def _build_registry() -> dict[str, Backend]:
                                  "softcap": "the matmul attention of reference.py (SDPA has no softcap)"}),
         "cpu": Backend("cpu", "fused C++ kernels (csrc/cpu)", FLOAT_DTYPES + (torch.float64,),
                        tuple(range(1, 257)), {"cpu": ext["cpu"]},
-                       _extension_attention, _extension_layer_norm, features=frozenset()),
+                       _extension_attention, _extension_layer_norm, features=frozenset({"gqa", "window", "softcap"})),
         "cuda": Backend("cuda", "fused CUDA kernels (csrc/cuda)", FLOAT_DTYPES, (16, 32, 64, 128),
                         {"cuda": ext["cuda"]}, _extension_attention, _extension_layer_norm,
-                        features=frozenset()),
+                        features=frozenset({"gqa", "window", "softcap"})),
         "triton": Backend("triton", "fused Triton kernels (fastgpt/triton)", FLOAT_DTYPES,
                           (16, 32, 64, 128), _triton_reasons(),
                           refusals=(Refusal("attention", "cpu", torch.bfloat16,
                                             "Triton's CPU interpreter has no bfloat16 tl.dot (it returns wrong "
                                             "numbers): use float16 or float32 on CPU tensors, bfloat16 on a GPU"),),
-                          features=frozenset()),
+                          features=frozenset({"gqa", "window", "softcap"})),
     }
     triton = registry["triton"]
     if any(reason is None for reason in triton.unavailable.values()):

@@ -307,7 +307,7 @@ def test_cpu_opcheck(dtype):
      r"fastgpt::attention_fwd: key_padding_mask must be bool \(B, Tk\) = \(2, 4\), got Bool \[2, 5\]"),
     (lambda q, k, v: (q, k, v, None, True, 1.0, 1.0, 0, 0, 0.0), r"fastgpt::attention_fwd: dropout_p must be in \[0, 1\), got 1"),
     (lambda q, k, v: (q, k[:, :, :, :4], v[:, :, :, :4], None, True, 1.0, 0.0, 0, 0, 0.0), r"fastgpt::attention_fwd: q and k, v must agree in B and D"),
-    (lambda q, k, v: (q, k[:, :1], v[:, :1], None, True, 1.0, 0.0, 0, 0, 0.0), r"fastgpt::attention_fwd: grouped-query attention \(Hq = 2, Hkv = 1\) is not implemented in the CPU kernels"),
+    (lambda q, k, v: (q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1), None, True, 1.0, 0.0, 0, 0, 0.0), r"fastgpt::attention_fwd: the query heads Hq must be a multiple of the key/value heads Hkv, got 2 and 3"),
     (lambda q, k, v: (q, k, v, None, True, 1.0, 0.0, 0, -1, 0.0), r"fastgpt::attention_fwd: window must be >= 0 \(0: none\), got -1"),
     (lambda q, k, v: (q, k.double(), v.double(), None, True, 1.0, 0.0, 0, 0, 0.0), r"fastgpt::attention_fwd: q, k and v must share one dtype, got Float, Double, Double"),
 ])
@@ -400,7 +400,7 @@ def test_peak_memory_measure_catches_the_naive_backend():
 # Every fused backend runs these once it declares the feature (fastgpt/backends.py); which
 # backends must declare which features is pinned by test_declared_attention_features.
 
-DECLARED_FEATURES = {"cpu": frozenset(), "cuda": frozenset(), "triton": frozenset()}
+DECLARED_FEATURES = {"cpu": frozenset({"gqa", "window", "softcap"}), "cuda": frozenset({"gqa", "window", "softcap"}), "triton": frozenset({"gqa", "window", "softcap"})}
 
 
 def test_declared_attention_features():
@@ -478,3 +478,53 @@ def test_modern_dropout_matches_the_oracle_mask(kernel):
     require_features(backend, q_heads=4, kv_heads=2, window=9)
     q, k, v = gqa_inputs(1, 4, 2, 37, 37, 16, device)
     check_grads(backend, q, k, v, True, dropout_p=0.3, manual_seed=11, window=9)
+
+
+# ---- cpu: grouped-query backward and window tile skipping ---------------------------------
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_cpu_gqa_gradients_for_any_thread_count_are_deterministic(threads):
+    """The cpu backward sums dK, dV over a kv head's query heads inside one task (each row has
+    one writer): for every thread count the gradients match the oracle and repeat bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for B, Hq, Hkv, Tq, Tk, D, window in [(1, 4, 1, 300, 333, 32, None), (2, 6, 2, 200, 390, 16, 70)]:
+            q, k, v = gqa_inputs(B, Hq, Hkv, Tq, Tk, D, "cpu")
+            mask = padding_mask(B, Tk, fully_masked_row=False)
+            check_grads("cpu", q, k, v, True, mask, window=window, softcap=15.0)
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+            runs = []
+            for _ in range(2):
+                out = fastgpt.attention(*leaves, causal=True, key_padding_mask=mask, window=window,
+                                        softcap=15.0, backend="cpu")
+                runs.append(torch.autograd.grad(out, leaves, grad_out))
+            for first, second in zip(*runs):
+                assert torch.equal(first, second)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_cpu_window_never_visits_keys_outside_it(causal):
+    """Keys no query's window reaches are never read, forward or backward: NaN there leaves the
+    output and dq exact, and their dK, dV rows are zero (a visited tile would multiply NaN by 0)."""
+    B, H, Tq, Tk, D, window = 1, 2, 64, 1024, 32, 48
+    q, k, v = make_qkv(B, H, Tq, Tk, D)
+    unseen = Tk - Tq - window + 1  # keys [0, unseen) are outside every query's window
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[:, :, :unseen - 200] = float("nan")  # leave the partly visited tiles alone
+    poisoned_v[:, :, :unseen - 200] = float("nan")
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+    results = []
+    for kk, vv in [(k, v), (poisoned_k, poisoned_v)]:
+        leaves = [t.detach().requires_grad_() for t in (q, kk, vv)]
+        out = fastgpt.attention(*leaves, causal=causal, window=window, backend="cpu")
+        results.append((out, *torch.autograd.grad(out, leaves, grad_out)))
+    (out, dq, dk, dv), (p_out, p_dq, p_dk, p_dv) = results
+    assert torch.equal(out, p_out) and torch.equal(dq, p_dq)
+    assert torch.equal(dk[:, :, unseen - 200:], p_dk[:, :, unseen - 200:])
+    assert torch.equal(dv[:, :, unseen - 200:], p_dv[:, :, unseen - 200:])
+    assert not p_dk[:, :, :unseen].any() and not p_dv[:, :, :unseen].any()
+    assert_close(out, *attention_oracle(q, k, v, causal, window=window))

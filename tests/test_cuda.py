@@ -96,7 +96,8 @@ def test_emulated_attention_matches_oracle(emulator, case, dtype, reverse_order,
     q, k, v = make_qkv(B, H, Tq, Tk, D, dtype, transposed=True)  # non-contiguous (B, T, H, D) views
     mask = padding_mask(B, Tk) if masked else None
     scale, seed = D ** -0.5, 1234
-    out, lse = emulator.attention_fwd(q, k, v, mask, causal, scale, dropout_p, seed, reverse_order, copy_at_wait)
+    out, lse = emulator.attention_fwd(q, k, v, mask, causal, scale, dropout_p, seed, 0, 0.0, reverse_order,
+                                      copy_at_wait)
     assert_close(out, *attention_oracle(q, k, v, causal, mask, dropout_p, scale, seed), what="out")
     want_lse = reference.attention_lse(q.double(), k.double(), causal, mask, scale)
     no_key = want_lse == float("-inf")
@@ -104,10 +105,56 @@ def test_emulated_attention_matches_oracle(emulator, case, dtype, reverse_order,
     assert_close(lse[~no_key], want_lse[~no_key], what="lse")
 
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
-    grads = emulator.attention_bwd(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed,
+    grads = emulator.attention_bwd(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed, 0, 0.0,
                                    reverse_order, copy_at_wait)
     want = reference_grads(q, k, v, grad_out, causal, torch.float64, mask, dropout_p, scale, seed)
     same = reference_grads(q, k, v, grad_out, causal, dtype, mask, dropout_p, scale, seed)
+    for name, g, w, s in zip(("dq", "dk", "dv"), grads, want, same):
+        assert g.dtype == dtype and g.shape == w.shape
+        assert_close(g, w, s, what=name)
+
+
+# Grouped-query heads, sliding windows and the logit softcap, emulated:
+# (B, Hq, Hkv, Tq, Tk, D, causal, masked, dropout_p, window, softcap).
+EMULATED_MODERN = [
+    (2, 4, 2, 70, 130, 64, True, True, 0.0, None, None),    # GQA group 2, Tq < Tk, padding mask
+    (1, 3, 1, 45, 45, 32, False, False, 0.2, None, None),   # MQA, dropout keyed by the query head
+    (1, 2, 2, 200, 200, 16, True, False, 0.0, 40, None),    # causal window across tiles (skipped tiles)
+    (2, 2, 1, 150, 170, 32, False, True, 0.1, 37, None),    # non-causal window, MQA, mask, dropout
+    (2, 2, 2, 61, 61, 128, True, False, 0.0, 1, None),      # window 1: each query sees only itself
+    (1, 4, 2, 33, 90, 64, False, False, 0.0, None, 5.0),    # softcap, GQA
+    (2, 4, 2, 130, 150, 32, True, True, 0.1, 33, 20.0),     # all three, dropout, mask
+    (1, 2, 1, 100, 40, 16, True, False, 0.0, 8, 2.0),       # Tq > Tk: rows without keys, window + cap
+]
+
+
+@pytest.mark.parametrize("reverse_order,copy_at_wait", SCHEDULES, ids=["forward-order", "reverse-order-late-copies"])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("case", EMULATED_MODERN,
+                         ids=lambda c: "B{}Hq{}Hkv{}Tq{}Tk{}D{}-causal{}-mask{}-p{}-w{}-cap{}".format(*c))
+def test_emulated_modern_attention_matches_oracle(emulator, case, dtype, reverse_order, copy_at_wait):
+    B, Hq, Hkv, Tq, Tk, D, causal, masked, dropout_p, window, softcap = case
+    q, _, _ = make_qkv(B, Hq, Tq, Tk, D, dtype, transposed=True)
+    _, k, v = make_qkv(B, Hkv, Tq, Tk, D, dtype, transposed=True, generator_seed=5)
+    mask = padding_mask(B, Tk) if masked else None
+    scale, seed = D ** -0.5, 77
+    if softcap is not None:
+        q = (q.float() * 3).to(dtype)  # scores large enough for the cap to bite
+    out, lse = emulator.attention_fwd(q, k, v, mask, causal, scale, dropout_p, seed, window or 0, softcap or 0.0,
+                                      reverse_order, copy_at_wait)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    assert_close(out, *attention_oracle(q, k, v, causal, mask, dropout_p, scale, seed, window, softcap), what="out")
+    want_lse = reference.attention_lse(q.double(), k.double(), causal, mask, scale, window, softcap)
+    no_key = want_lse == float("-inf")
+    assert torch.equal(lse == float("-inf"), no_key), "lse: -inf exactly for the rows without a visible key"
+    assert not no_key.all(), "the case must have visible keys"
+    assert_close(lse[~no_key], want_lse[~no_key], what="lse")
+
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    grads = emulator.attention_bwd(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed, window or 0,
+                                   softcap or 0.0, reverse_order, copy_at_wait)
+    want = reference_grads(q, k, v, grad_out, causal, torch.float64, mask, dropout_p, scale, seed, window, softcap)
+    same = reference_grads(q, k, v, grad_out, causal, dtype, mask, dropout_p, scale, seed, window, softcap)
     for name, g, w, s in zip(("dq", "dk", "dv"), grads, want, same):
         assert g.dtype == dtype and g.shape == w.shape
         assert_close(g, w, s, what=name)
@@ -118,7 +165,7 @@ def test_emulated_dropout_mask_is_bit_identical_to_reference(emulator):
     B, H, T, D, p, seed = 2, 2, 64, 64, 0.3, 2**31 - 1
     q, k, _ = make_qkv(B, H, T, T, D, torch.float32)
     v = torch.eye(T).expand(B, H, T, D).contiguous()
-    out, _ = emulator.attention_fwd(q, k, v, None, False, D ** -0.5, p, seed, False, False)
+    out, _ = emulator.attention_fwd(q, k, v, None, False, D ** -0.5, p, seed, 0, 0.0, False, False)
     assert torch.equal(out != 0, reference.dropout_keep_mask(seed, B, H, T, T, p))
 
 
@@ -309,10 +356,11 @@ def test_long_sequences_forward_and_backward(shape, causal, dtype):
         assert_close(g, w, s, what=name)
 
 
-def reference_grads(q, k, v, grad_out, causal, dtype, mask=None, dropout_p=0.0, scale=None, seed=0):
+def reference_grads(q, k, v, grad_out, causal, dtype, mask=None, dropout_p=0.0, scale=None, seed=0, window=None,
+                    softcap=None):
     """(dq, dk, dv) of the naive reference computed in `dtype` (float64: the oracle)."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
-    out = reference.attention(*leaves, causal, mask, dropout_p, scale, seed)
+    out = reference.attention(*leaves, causal, mask, dropout_p, scale, seed, window, softcap)
     return torch.autograd.grad(out, leaves, grad_out.to(dtype))
 
 

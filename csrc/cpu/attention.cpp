@@ -42,6 +42,23 @@
 // extra memory is at most G · Tq · D floats per head. The task holds its keys in vector lanes
 // here (kT, vT are (D, kBwdKeys)), the scores of one query in one row of the score tile.
 //
+// Today's models (the operator contract, shared/DESIGN.md):
+//  - Grouped-query attention: q has H heads, k and v Hkv (H % Hkv == 0); query head h reads kv
+//    head h / (H / Hkv) by index, k and v are never repeated. A backward task is then
+//    (b, kv head, key group) and loops over the H / Hkv query heads of its kv head, so dK, dV
+//    still have one writer per row and sum over the group in a fixed order (deterministic for
+//    any thread count); dQ rows stay per query head. Dropout stays keyed by the query head.
+//  - Sliding window W: query i (position p = i + Tk - Tq) sees p - W < j, and j < p + W when
+//    not causal. Both bounds grow with i, so a block of queries sees one key interval and a key
+//    tile one query interval (Problem::key_begin/key_end, query_begin/query_end): tiles wholly
+//    outside the window are never visited, forward or backward, and the cost is O(T · W).
+//    Only blocks crossing a boundary get the per-element mask (a prefix and a suffix of lanes).
+//  - Logit softcap c: S becomes c · tanh(S / c) before any mask. In base 2 this is
+//    c2 · tanh(S2 / c2) with c2 = c · log2 e, so the pre-scaled scores need no conversion; the
+//    backward recomputes tanh and multiplies dS by its derivative 1 - tanh².
+// None of it costs the plain path: the window's bounds reduce to the causal ones, and the
+// backward's softcap is a template flag.
+//
 // Every matrix product is the same register-blocked micro-kernel (micro_gemm): a block of
 // kMicroRows x (kMicroVecs vectors) of the result stays in registers while the reduction
 // walks one broadcast scalar per row and kMicroVecs vector loads per step.
@@ -224,7 +241,10 @@ __attribute__((noinline)) void dropout_run(uint32_t seed, uint32_t head, uint32_
 }
 
 // The attention problem both passes share. Tensors are contiguous:
-//   q (B, H, Tq, D), k, v (B, H, Tk, D), keep_key bool (B, Tk) or null.
+//   q (B, H, Tq, D), k, v (B, Hkv, Tk, D), keep_key bool (B, Tk) or null.
+// Query head h reads kv head h / (H / Hkv) (grouped-query attention; k and v are indexed,
+// never repeated). window > 0 limits query i (position p = i + Tk - Tq) to keys p - window < j
+// (and, non-causal, j < p + window); softcap > 0 replaces each score s by c · tanh(s / c).
 template <typename scalar_t>
 struct Problem {
   const scalar_t* q;
@@ -236,16 +256,37 @@ struct Problem {
   double scale;
   double dropout_p;
   uint32_t seed;
+  int64_t Hkv;
+  int64_t window;  // 0: none
+  double softcap;  // 0: none
 
-  // Query i sees key j iff j <= i + offset() (bottom-right aligned causal mask).
+  // The kv head (b * Hkv + kv head) that query head bh = b * H + h reads.
+  int64_t kv_head(int64_t bh) const { return (bh / H) * Hkv + (bh % H) / (H / Hkv); }
+  // Whether some (query, key) pair is hidden by position (causal mask or window).
+  bool position_masked() const { return causal || window > 0; }
+  // Query i sees key j iff j <= i + offset() (bottom-right aligned causal mask) and, with a
+  // window, j > i + offset() - window (and j < i + offset() + window when not causal).
   int64_t offset() const { return Tk - Tq; }
-  // One past the last key any of the queries [q0, q0 + rows) sees.
-  int64_t key_end(int64_t q0, int64_t rows) const {
-    return causal ? std::clamp<int64_t>(q0 + rows + offset(), 0, Tk) : Tk;
+  // Query i sees (padding aside) the keys [first_key(i), end_key(i)), unclamped; both bounds
+  // grow with i.
+  int64_t first_key(int64_t i) const { return window > 0 ? i + offset() - window + 1 : 0; }
+  int64_t end_key(int64_t i) const {
+    return causal ? i + offset() + 1 : window > 0 ? i + offset() + window : Tk;
   }
-  // The first query that sees key k0.
-  int64_t query_begin(int64_t k0) const {
-    return causal ? std::clamp<int64_t>(k0 - offset(), 0, Tq) : 0;
+  // Key j is seen by the queries [first_query(j), end_query(j)), unclamped; both grow with j.
+  int64_t first_query(int64_t j) const {
+    return causal ? j - offset() : window > 0 ? j - offset() - window + 1 : 0;
+  }
+  int64_t end_query(int64_t j) const { return window > 0 ? j - offset() + window : Tq; }
+  // The keys any of the queries [q0, q0 + rows) sees: [key_begin, key_end).
+  int64_t key_begin(int64_t q0) const { return std::clamp<int64_t>(first_key(q0), 0, Tk); }
+  int64_t key_end(int64_t q0, int64_t rows) const {
+    return std::clamp<int64_t>(end_key(q0 + rows - 1), 0, Tk);
+  }
+  // The queries that see any of the keys [k0, k0 + keys): [query_begin, query_end).
+  int64_t query_begin(int64_t k0) const { return std::clamp<int64_t>(first_query(k0), 0, Tq); }
+  int64_t query_end(int64_t k0, int64_t keys) const {
+    return std::clamp<int64_t>(end_query(k0 + keys - 1), 0, Tq);
   }
   // Dropout factors Z (0: dropped, or 1 / (1 - p)) of n elements of head bh's (Tq, Tk) mask,
   // from element (i, j) on, `stride` apart (1: along a query's row, Tk: down a key's column).
@@ -285,8 +326,8 @@ void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t r
   constexpr int64_t L = Vec::size(), W = ForwardScratch<acc_t>::W;
   const int64_t D = pb.D, Tk = pb.Tk, b = bh / pb.H, blocks = (rows + W - 1) / W;
   const scalar_t* q = pb.q + (bh * pb.Tq + q0) * D;
-  const scalar_t* k = pb.k + bh * Tk * D;
-  const scalar_t* v = pb.v + bh * Tk * D;
+  const scalar_t* k = pb.k + pb.kv_head(bh) * Tk * D;  // the kv head the query head reads
+  const scalar_t* v = pb.v + pb.kv_head(bh) * Tk * D;
   const bool* keep_key = pb.keep_key ? pb.keep_key + b * Tk : nullptr;
 
   // Query q0 + i is lane i % W of block i / W; lanes past `rows` stay 0 (and unused).
@@ -300,8 +341,9 @@ void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t r
   std::fill(s.l.begin(), s.l.end(), acc_t(0));
 
   acc_t* sT = s.sT.data();  // (keys, W): base-2 scores, then probabilities
+  // Only the keys some query of the task sees are walked: with a window, O(rows + window).
   const int64_t key_end = pb.key_end(q0, rows);
-  for (int64_t k0 = 0; k0 < key_end; k0 += kFwdKeys) {
+  for (int64_t k0 = pb.key_begin(q0); k0 < key_end; k0 += kFwdKeys) {
     const int64_t tile_keys = std::min(kFwdKeys, key_end - k0);
     // k_tile, v_tile (tile_keys, D)
     const acc_t* k_tile = rows_as<acc_t>(k + k0 * D, tile_keys, D, D, s.k_tile.data());
@@ -309,29 +351,47 @@ void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t r
 
     for (int64_t block = 0; block < blocks; ++block) {
       const int64_t first = q0 + block * W;  // the block's first query
-      // Keys [k0, k0 + keys) are visible to some query of the block: the causal mask hides
-      // the rest from all of them, so they are not even computed.
-      const int64_t block_end = pb.key_end(first, std::min(W, q0 + rows - first));
-      const int64_t keys = std::min(tile_keys, block_end - k0);
+      const int64_t block_rows = std::min(W, q0 + rows - first);
+      // Keys [kb, kb + keys) of the tile are visible to some query of the block: the causal
+      // mask and the window hide the rest from all of them, so they are not even computed.
+      const int64_t kb = std::max(k0, pb.key_begin(first));
+      const int64_t keys = std::min(k0 + tile_keys, pb.key_end(first, block_rows)) - kb;
       if (keys <= 0) continue;
+      const acc_t* k_block = k_tile + (kb - k0) * D;  // (keys, D)
+      const acc_t* v_block = v_tile + (kb - k0) * D;
       acc_t* qT = s.qT.data() + block * D * W;  // (D, W)
       acc_t* oT = s.oT.data() + block * D * W;  // (D, W)
       acc_t* m = s.m.data() + block * W;
       acc_t* l = s.l.data() + block * W;
 
-      // sT (keys, W) = k_tile · qT
-      gemm<acc_t, false>(keys, W, D, k_tile, D, 1, qT, W, sT, W);
+      // sT (keys, W) = k_block · qT
+      gemm<acc_t, false>(keys, W, D, k_block, D, 1, qT, W, sT, W);
+
+      // Softcap on the base-2 scores: with c2 = c · log2 e, c · tanh(s / c) · log2 e equals
+      // c2 · tanh(s2 / c2) for s2 = s · log2 e. Before the masks, which then stay -inf.
+      if (pb.softcap > 0.0) {
+        const Vec c2(static_cast<acc_t>(pb.softcap * kLog2e));
+        const Vec inv_c2(static_cast<acc_t>(1.0 / (pb.softcap * kLog2e)));
+        for (int64_t e = 0; e < keys * W; e += L)
+          (c2 * (Vec::loadu(sT + e) * inv_c2).tanh()).store(sT + e);
+      }
 
       // Masks, applied after scaling (a negative scale must not turn -inf into +inf).
       if (keep_key != nullptr)
         for (int64_t j = 0; j < keys; ++j)
-          if (!keep_key[k0 + j]) std::fill_n(sT + j * W, W, -kInf<acc_t>);
-      // Key k0 + j is hidden from query first + i iff i < k0 + j - offset - first: a prefix
-      // of lanes. Only blocks crossing the diagonal have any such lane.
-      if (pb.causal && k0 + keys - 1 > first + pb.offset())
-        for (int64_t j = 0; j < keys; ++j)
-          std::fill_n(sT + j * W, std::clamp<int64_t>(k0 + j - pb.offset() - first, 0, W),
-                      -kInf<acc_t>);
+          if (!keep_key[kb + j]) std::fill_n(sT + j * W, W, -kInf<acc_t>);
+      // Key kb + j is seen by the lanes [first_query - first, end_query - first): the causal
+      // mask hides a prefix of lanes, the window a suffix (and, non-causal, a prefix). Only
+      // blocks crossing a boundary have any such lane: the first query's last key, or the last
+      // query's first key, falls inside the block's keys.
+      if (pb.position_masked() && (kb + keys > pb.end_key(first) ||
+                                   kb < pb.first_key(first + block_rows - 1)))
+        for (int64_t j = 0; j < keys; ++j) {
+          const int64_t lo = std::clamp<int64_t>(pb.first_query(kb + j) - first, 0, W);
+          const int64_t hi = std::clamp<int64_t>(pb.end_query(kb + j) - first, lo, W);
+          std::fill(sT + j * W, sT + j * W + lo, -kInf<acc_t>);
+          std::fill(sT + j * W + hi, sT + (j + 1) * W, -kInf<acc_t>);
+        }
 
       // Online softmax, L queries at a time (see the header for the invariant).
       for (int64_t c = 0; c < W; c += L) {
@@ -360,13 +420,13 @@ void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t r
       // Dropout after the row sums: l normalises the undropped probabilities.
       if (pb.dropout_p > 0.0)
         for (int64_t j = 0; j < keys; ++j) {
-          pb.dropout_factors(bh, first, k0 + j, Tk, W, s.z.data());  // key k0 + j, W queries
+          pb.dropout_factors(bh, first, kb + j, Tk, W, s.z.data());  // key kb + j, W queries
           for (int64_t c = 0; c < W; c += L)
             (Vec::loadu(sT + j * W + c) * Vec::loadu(s.z.data() + c)).store(sT + j * W + c);
         }
 
-      // oT (D, W) += v_tileᵀ · sT: row d of the product broadcasts v_tile[j, d].
-      gemm<acc_t, true>(D, W, keys, v_tile, 1, D, sT, W, oT, W);
+      // oT (D, W) += v_blockᵀ · sT: row d of the product broadcasts v_block[j, d].
+      gemm<acc_t, true>(D, W, keys, v_block, 1, D, sT, W, oT, W);
     }
   }
 
@@ -399,18 +459,19 @@ void forward(const Problem<scalar_t>& pb, scalar_t* out, float* lse) {
 template <typename acc_t>
 struct BackwardScratch {
   int64_t Dp;  // D padded to whole micro-kernel column blocks
-  std::vector<acc_t> kT, vT, k_rows, key_bias, dk, dv, q_rows, do_rows, lse2, p, z, pz, ds, dq;
+  std::vector<acc_t> kT, vT, k_rows, key_bias, dk, dv, q_rows, do_rows, lse2, p, z, pz, ds, dq,
+      cap;
   BackwardScratch(int64_t D)
       : Dp(round_up(D, kGemmCols<acc_t>)), kT(D * kBwdKeys), vT(D * kBwdKeys),
         k_rows(kBwdKeys * Dp), key_bias(kBwdKeys), dk(kBwdKeys * Dp), dv(kBwdKeys * Dp),
         q_rows(kBwdQueries * Dp), do_rows(kBwdQueries * Dp), lse2(kBwdQueries),
         p(kBwdQueries * kBwdKeys), z(kBwdQueries * kBwdKeys), pz(kBwdQueries * kBwdKeys),
-        ds(kBwdQueries * kBwdKeys), dq(kBwdQueries * Dp) {}
+        ds(kBwdQueries * kBwdKeys), dq(kBwdQueries * Dp), cap(kBwdQueries * kBwdKeys) {}
 };
 
 // Tensors of the backward beyond the problem (contiguous):
 //   grad_out, out (B, H, Tq, D); lse (B, H, Tq) float32; delta (B, H, Tq) = rowsum(dO ∘ O);
-//   dq_partial (G, B, H, Tq, D) acc_t; grad_k, grad_v (B, H, Tk, D).
+//   dq_partial (G, B, H, Tq, D) acc_t; grad_k, grad_v (B, Hkv, Tk, D).
 template <typename scalar_t, typename acc_t>
 struct Gradients {
   const scalar_t* grad_out;
@@ -421,18 +482,20 @@ struct Gradients {
   scalar_t* grad_v;
 };
 
-// Keys [k0, k0 + keys) of head bh: their dK, dV rows, and their dS k terms added to dq (Tq, D).
-template <typename scalar_t, typename acc_t>
+// Keys [k0, k0 + keys) of kv head bkv = b * Hkv + kv head: their dK, dV rows, summed over the
+// query heads of the group that read this kv head (in head order, inside this one task: the
+// sum is deterministic), and their dS k terms added to dq (B, H, Tq, D), one key group's buffer.
+// kSoftcap is a template flag so that the path without a cap has no trace of it.
+template <bool kSoftcap, typename scalar_t, typename acc_t>
 void backward_key_tile(const Problem<scalar_t>& pb, const Gradients<scalar_t, acc_t>& g,
-                       int64_t bh, int64_t k0, int64_t keys, BackwardScratch<acc_t>& s,
-                       acc_t* dq) {
+                       int64_t bkv, int64_t k0, int64_t keys, BackwardScratch<acc_t>& s,
+                       acc_t* dq_heads) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t L = Vec::size();
-  const int64_t D = pb.D, Dp = s.Dp, Tq = pb.Tq, Tk = pb.Tk, b = bh / pb.H;
-  const scalar_t* q = pb.q + bh * Tq * D;
-  const scalar_t* grad_out = g.grad_out + bh * Tq * D;
-  const scalar_t* k = pb.k + (bh * Tk + k0) * D;
-  const scalar_t* v = pb.v + (bh * Tk + k0) * D;
+  const int64_t D = pb.D, Dp = s.Dp, Tq = pb.Tq, Tk = pb.Tk, b = bkv / pb.Hkv;
+  const int64_t group = pb.H / pb.Hkv, h0 = (bkv % pb.Hkv) * group;  // its query heads
+  const scalar_t* k = pb.k + (bkv * Tk + k0) * D;
+  const scalar_t* v = pb.v + (bkv * Tk + k0) * D;
 
   // kT, vT (D, kBwdKeys): the keys in lanes; lanes >= keys are 0 and masked by key_bias.
   std::fill(s.kT.begin(), s.kT.end(), acc_t(0));
@@ -456,74 +519,107 @@ void backward_key_tile(const Problem<scalar_t>& pb, const Gradients<scalar_t, ac
   const acc_t score_scale = static_cast<acc_t>(pb.scale * kLog2e);
   const acc_t grad_scale = static_cast<acc_t>(pb.scale);
   const bool dropout = pb.dropout_p > 0.0;
-  for (int64_t q0 = pb.query_begin(k0); q0 < Tq; q0 += kBwdQueries) {
-    const int64_t rows = std::min(kBwdQueries, Tq - q0);
-    // q_rows, do_rows (rows, Dp)
-    const acc_t* q_rows = rows_as<acc_t>(q + q0 * D, rows, D, Dp, s.q_rows.data());
-    const acc_t* do_rows = rows_as<acc_t>(grad_out + q0 * D, rows, D, Dp, s.do_rows.data());
-    const acc_t* delta = g.delta + bh * Tq + q0;
-    for (int64_t i = 0; i < rows; ++i) {
-      // A query that sees no key (lse = -inf) has P = 0: 2^(S - +inf) = 0.
-      const float lse = g.lse[bh * Tq + q0 + i];
-      s.lse2[i] = lse == -kInf<float> ? kInf<acc_t> : static_cast<acc_t>(lse * kLog2e);
-    }
-
-    // p (rows, kBwdKeys) = q_rows · kT, then P = 2^(S · scale · log2 e - lse · log2 e).
-    acc_t* p = s.p.data();
-    gemm<acc_t, false>(rows, kBwdKeys, D, q_rows, Dp, 1, s.kT.data(), kBwdKeys, p, kBwdKeys);
-    const bool crosses_diagonal = pb.causal && q0 + pb.offset() < k0 + keys - 1;
-    for (int64_t i = 0; i < rows; ++i) {
-      acc_t* p_row = p + i * kBwdKeys;
-      const Vec bias(-s.lse2[i]);
-      for (int64_t j = 0; j < kBwdKeys; j += L) {
-        Vec x = at::vec::fmadd(Vec::loadu(p_row + j), Vec(score_scale), bias);
-        if (any_hidden_key) x = x + Vec::loadu(s.key_bias.data() + j);
-        x.store(p_row + j);
-      }
-      // Keys after q0 + i + offset are hidden from query q0 + i: a suffix of lanes.
-      if (crosses_diagonal) {
-        const int64_t visible = std::clamp<int64_t>(q0 + i + pb.offset() - k0 + 1, 0, kBwdKeys);
-        std::fill(p_row + visible, p_row + kBwdKeys, -kInf<acc_t>);
-      }
-      for (int64_t j = 0; j < kBwdKeys; j += L) exp2_vec(Vec::loadu(p_row + j)).store(p_row + j);
-    }
-
-    // With dropout, dV sees P ∘ Z and dS needs dP ∘ Z.
-    const acc_t* pz = p;
-    if (dropout) {
+  // Softcap in base 2 (see forward_tile): S2 = c2 · tanh(s2 / c2) with c2 = c · log2 e.
+  const acc_t c2 = static_cast<acc_t>(pb.softcap * kLog2e);
+  const acc_t inv_c2 = kSoftcap ? static_cast<acc_t>(1.0 / (pb.softcap * kLog2e)) : acc_t(0);
+  // Only the query tiles that see some key of the tile: with a window, O(keys + window).
+  const int64_t query_begin = pb.query_begin(k0), query_end = pb.query_end(k0, keys);
+  for (int64_t bh = b * pb.H + h0; bh < b * pb.H + h0 + group; ++bh) {
+    const scalar_t* q = pb.q + bh * Tq * D;
+    const scalar_t* grad_out = g.grad_out + bh * Tq * D;
+    acc_t* dq = dq_heads + bh * Tq * D;  // (Tq, D)
+    for (int64_t q0 = query_begin; q0 < query_end; q0 += kBwdQueries) {
+      const int64_t rows = std::min(kBwdQueries, query_end - q0);
+      // q_rows, do_rows (rows, Dp)
+      const acc_t* q_rows = rows_as<acc_t>(q + q0 * D, rows, D, Dp, s.q_rows.data());
+      const acc_t* do_rows = rows_as<acc_t>(grad_out + q0 * D, rows, D, Dp, s.do_rows.data());
+      const acc_t* delta = g.delta + bh * Tq + q0;
       for (int64_t i = 0; i < rows; ++i) {
-        acc_t* z = s.z.data() + i * kBwdKeys;
-        pb.dropout_factors(bh, q0 + i, k0, 1, kBwdKeys, z);  // row of query q0 + i
-        for (int64_t j = 0; j < kBwdKeys; j += L)
-          (Vec::loadu(p + i * kBwdKeys + j) * Vec::loadu(z + j))
-              .store(s.pz.data() + i * kBwdKeys + j);
+        // A query that sees no key (lse = -inf) has P = 0: 2^(S - +inf) = 0.
+        const float lse = g.lse[bh * Tq + q0 + i];
+        s.lse2[i] = lse == -kInf<float> ? kInf<acc_t> : static_cast<acc_t>(lse * kLog2e);
       }
-      pz = s.pz.data();
-    }
 
-    // dv (keys, Dp) += pzᵀ · do_rows: row j of the product broadcasts pz[i, j].
-    gemm<acc_t, true>(keys, Dp, rows, pz, 1, kBwdKeys, do_rows, Dp, s.dv.data(), Dp);
-    // ds (rows, kBwdKeys) = do_rows · vT, then dS = P ∘ (dP ∘ Z - delta) · scale.
-    acc_t* ds = s.ds.data();
-    gemm<acc_t, false>(rows, kBwdKeys, D, do_rows, Dp, 1, s.vT.data(), kBwdKeys, ds, kBwdKeys);
-    for (int64_t i = 0; i < rows; ++i) {
-      acc_t* ds_row = ds + i * kBwdKeys;
-      const Vec d_i(delta[i]);
-      for (int64_t j = 0; j < kBwdKeys; j += L) {
-        Vec dp = Vec::loadu(ds_row + j);
-        if (dropout) dp = dp * Vec::loadu(s.z.data() + i * kBwdKeys + j);
-        (Vec::loadu(p + i * kBwdKeys + j) * (dp - d_i) * Vec(grad_scale)).store(ds_row + j);
+      // p (rows, kBwdKeys) = q_rows · kT, then P = 2^(S · scale · log2 e - lse · log2 e).
+      acc_t* p = s.p.data();
+      gemm<acc_t, false>(rows, kBwdKeys, D, q_rows, Dp, 1, s.kT.data(), kBwdKeys, p, kBwdKeys);
+      // Whether some query of the tile is hidden from some key by position (see forward_tile).
+      const bool crosses_boundary =
+          pb.position_masked() &&
+          (k0 + keys > pb.end_key(q0) || k0 < pb.first_key(q0 + rows - 1));
+      for (int64_t i = 0; i < rows; ++i) {
+        acc_t* p_row = p + i * kBwdKeys;
+        const Vec bias(-s.lse2[i]);
+        if constexpr (kSoftcap) {
+          // cap = 1 - tanh², the derivative of the cap, kept for dS.
+          acc_t* cap_row = s.cap.data() + i * kBwdKeys;
+          for (int64_t j = 0; j < kBwdKeys; j += L) {
+            const Vec t = (Vec::loadu(p_row + j) * Vec(score_scale * inv_c2)).tanh();
+            (Vec(acc_t(1)) - t * t).store(cap_row + j);
+            Vec x = at::vec::fmadd(t, Vec(c2), bias);
+            if (any_hidden_key) x = x + Vec::loadu(s.key_bias.data() + j);
+            x.store(p_row + j);
+          }
+        } else {
+          for (int64_t j = 0; j < kBwdKeys; j += L) {
+            Vec x = at::vec::fmadd(Vec::loadu(p_row + j), Vec(score_scale), bias);
+            if (any_hidden_key) x = x + Vec::loadu(s.key_bias.data() + j);
+            x.store(p_row + j);
+          }
+        }
+        // Query q0 + i sees the lanes [first_key - k0, end_key - k0): the causal mask hides a
+        // suffix of lanes, the window a prefix (and, non-causal, a suffix).
+        if (crosses_boundary) {
+          const int64_t lo = std::clamp<int64_t>(pb.first_key(q0 + i) - k0, 0, kBwdKeys);
+          const int64_t hi = std::clamp<int64_t>(pb.end_key(q0 + i) - k0, lo, kBwdKeys);
+          std::fill(p_row, p_row + lo, -kInf<acc_t>);
+          std::fill(p_row + hi, p_row + kBwdKeys, -kInf<acc_t>);
+        }
+        for (int64_t j = 0; j < kBwdKeys; j += L) exp2_vec(Vec::loadu(p_row + j)).store(p_row + j);
       }
+
+      // With dropout, dV sees P ∘ Z and dS needs dP ∘ Z (Z of the query head bh).
+      const acc_t* pz = p;
+      if (dropout) {
+        for (int64_t i = 0; i < rows; ++i) {
+          acc_t* z = s.z.data() + i * kBwdKeys;
+          pb.dropout_factors(bh, q0 + i, k0, 1, kBwdKeys, z);  // row of query q0 + i
+          for (int64_t j = 0; j < kBwdKeys; j += L)
+            (Vec::loadu(p + i * kBwdKeys + j) * Vec::loadu(z + j))
+                .store(s.pz.data() + i * kBwdKeys + j);
+        }
+        pz = s.pz.data();
+      }
+
+      // dv (keys, Dp) += pzᵀ · do_rows: row j of the product broadcasts pz[i, j].
+      gemm<acc_t, true>(keys, Dp, rows, pz, 1, kBwdKeys, do_rows, Dp, s.dv.data(), Dp);
+      // ds (rows, kBwdKeys) = do_rows · vT, then dS = P ∘ (dP ∘ Z - delta) · scale
+      // (∘ (1 - tanh²) with a softcap: the chain rule through c · tanh(s / c)).
+      acc_t* ds = s.ds.data();
+      gemm<acc_t, false>(rows, kBwdKeys, D, do_rows, Dp, 1, s.vT.data(), kBwdKeys, ds, kBwdKeys);
+      for (int64_t i = 0; i < rows; ++i) {
+        acc_t* ds_row = ds + i * kBwdKeys;
+        const Vec d_i(delta[i]);
+        for (int64_t j = 0; j < kBwdKeys; j += L) {
+          Vec dp = Vec::loadu(ds_row + j);
+          if (dropout) dp = dp * Vec::loadu(s.z.data() + i * kBwdKeys + j);
+          (Vec::loadu(p + i * kBwdKeys + j) * (dp - d_i) * Vec(grad_scale)).store(ds_row + j);
+        }
+        if constexpr (kSoftcap)
+          for (int64_t j = 0; j < kBwdKeys; j += L)
+            (Vec::loadu(ds_row + j) * Vec::loadu(s.cap.data() + i * kBwdKeys + j))
+                .store(ds_row + j);
+      }
+      // dk (keys, Dp) += dsᵀ · q_rows;  dq rows (rows, Dp) = ds · k_rows.
+      gemm<acc_t, true>(keys, Dp, rows, ds, 1, kBwdKeys, q_rows, Dp, s.dk.data(), Dp);
+      gemm<acc_t, false>(rows, Dp, keys, ds, kBwdKeys, 1, k_rows, Dp, s.dq.data(), Dp);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t d = 0; d < D; ++d) dq[(q0 + i) * D + d] += s.dq[i * Dp + d];
     }
-    // dk (keys, Dp) += dsᵀ · q_rows;  dq rows (rows, Dp) = ds · k_rows.
-    gemm<acc_t, true>(keys, Dp, rows, ds, 1, kBwdKeys, q_rows, Dp, s.dk.data(), Dp);
-    gemm<acc_t, false>(rows, Dp, keys, ds, kBwdKeys, 1, k_rows, Dp, s.dq.data(), Dp);
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t d = 0; d < D; ++d) dq[(q0 + i) * D + d] += s.dq[i * Dp + d];
   }
 
-  scalar_t* grad_k = g.grad_k + (bh * Tk + k0) * D;
-  scalar_t* grad_v = g.grad_v + (bh * Tk + k0) * D;
+  scalar_t* grad_k = g.grad_k + (bkv * Tk + k0) * D;
+  scalar_t* grad_v = g.grad_v + (bkv * Tk + k0) * D;
   for (int64_t j = 0; j < keys; ++j)
     for (int64_t d = 0; d < D; ++d) {
       grad_k[j * D + d] = static_cast<scalar_t>(s.dk[j * Dp + d]);
@@ -531,27 +627,33 @@ void backward_key_tile(const Problem<scalar_t>& pb, const Gradients<scalar_t, ac
     }
 }
 
-// Key groups per head: the fewest that split the B·H·G (equal-sized) tasks evenly over the
-// threads, so that dQ needs as few partial buffers as possible; 1 when B·H alone gives every
+// Key groups per kv head: the fewest that split the B·Hkv·G (equal-sized) tasks evenly over the
+// threads, so that dQ needs as few partial buffers as possible; 1 when B·Hkv alone gives every
 // thread at least 8 tasks.
-int64_t key_groups(int64_t BH, int64_t key_tiles) {
+int64_t key_groups(int64_t BHkv, int64_t key_tiles) {
   const int64_t threads = at::get_num_threads();
-  if (BH >= 8 * threads) return 1;
-  return std::clamp<int64_t>(threads / std::gcd(BH, threads), 1, std::max<int64_t>(key_tiles, 1));
+  if (BHkv >= 8 * threads) return 1;
+  return std::clamp<int64_t>(threads / std::gcd(BHkv, threads), 1, std::max<int64_t>(key_tiles, 1));
 }
 
 template <typename scalar_t, typename acc_t>
 void backward(const Problem<scalar_t>& pb, const Gradients<scalar_t, acc_t>& g, int64_t groups) {
-  const int64_t BH = pb.B * pb.H, key_tiles = (pb.Tk + kBwdKeys - 1) / kBwdKeys;
-  // Task t: head t % BH, key group t / BH (group 0 holds the earliest keys: the most work).
+  const int64_t BH = pb.B * pb.H, BHkv = pb.B * pb.Hkv;
+  const int64_t key_tiles = (pb.Tk + kBwdKeys - 1) / kBwdKeys;
+  // Task t: kv head t % BHkv, key group t / BHkv (group 0 holds the earliest keys: the most
+  // work). The task owns its keys' dK, dV rows for all the query heads of the kv head.
   run_tasks<BackwardScratch<acc_t>>(
-      BH * groups, [&] { return BackwardScratch<acc_t>(pb.D); },
+      BHkv * groups, [&] { return BackwardScratch<acc_t>(pb.D); },
       [&](int64_t task, BackwardScratch<acc_t>& scratch) {
-        const int64_t bh = task % BH, group = task / BH;
-        acc_t* dq = g.dq_partial + (group * BH + bh) * pb.Tq * pb.D;  // (Tq, D)
+        const int64_t bkv = task % BHkv, group = task / BHkv;
+        acc_t* dq = g.dq_partial + group * BH * pb.Tq * pb.D;  // (B, H, Tq, D)
         for (int64_t tile = group; tile < key_tiles; tile += groups) {
           const int64_t k0 = tile * kBwdKeys;
-          backward_key_tile(pb, g, bh, k0, std::min(kBwdKeys, pb.Tk - k0), scratch, dq);
+          const int64_t keys = std::min(kBwdKeys, pb.Tk - k0);
+          if (pb.softcap > 0.0)
+            backward_key_tile<true>(pb, g, bkv, k0, keys, scratch, dq);
+          else
+            backward_key_tile<false>(pb, g, bkv, k0, keys, scratch, dq);
         }
       });
 }
@@ -566,7 +668,7 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
                   const std::optional<at::Tensor>& key_padding_mask, double dropout_p, int64_t window,
                   double softcap) {
   check_attention_inputs(op, q, k, v, key_padding_mask, dropout_p, window, softcap);
-  check_attention_features(op, "CPU", /*gqa=*/false, /*window=*/false, /*softcap=*/false, q, k, window, softcap);
+  check_attention_features(op, "CPU", /*gqa=*/true, /*window=*/true, /*softcap=*/true, q, k, window, softcap);
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, op, ": head dim must be 1..", kMaxHeadDim,
               " (the CPU kernels), got ", q.size(3));
 }
@@ -574,20 +676,21 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
 template <typename scalar_t>
 Problem<scalar_t> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const std::optional<at::Tensor>& mask, bool causal, double scale,
-                               double dropout_p, int64_t seed) {
+                               double dropout_p, int64_t seed, int64_t window, double softcap) {
   return Problem<scalar_t>{q.const_data_ptr<scalar_t>(),
                            k.const_data_ptr<scalar_t>(),
                            v.const_data_ptr<scalar_t>(),
                            mask.has_value() ? mask->const_data_ptr<bool>() : nullptr,
                            q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), causal, scale,
                            dropout_p,
-                           static_cast<uint32_t>(seed)};  // the low 32 bits, as reference.py
+                           static_cast<uint32_t>(seed),  // the low 32 bits, as reference.py
+                           k.size(1), window, softcap};
 }
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// q (B, H, Tq, D), k, v (B, H, Tk, D), key_padding_mask bool (B, Tk) or None
+// q (B, H, Tq, D), k, v (B, Hkv, Tk, D), key_padding_mask bool (B, Tk) or None
 //   -> out (B, H, Tq, D) dtype of q, lse (B, H, Tq) float32
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -600,7 +703,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   at::Tensor out = at::empty(q.sizes(), q.options());  // (B, H, Tq, D)
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
-    const auto pb = make_problem<scalar_t>(q, k, v, mask, causal, scale, dropout_p, seed);
+    const auto pb = make_problem<scalar_t>(q, k, v, mask, causal, scale, dropout_p, seed, window, softcap);
     forward<scalar_t, acc_type<scalar_t>>(pb, out.mutable_data_ptr<scalar_t>(),
                                           lse.mutable_data_ptr<float>());
   });
@@ -608,7 +711,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
 }
 
 // grad_out, out (B, H, Tq, D), lse (B, H, Tq) float32, the forward's inputs
-//   -> grad_q (B, H, Tq, D), grad_k, grad_v (B, H, Tk, D)
+//   -> grad_q (B, H, Tq, D), grad_k, grad_v (B, Hkv, Tk, D)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
@@ -622,12 +725,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   std::optional<at::Tensor> mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
-  at::Tensor grad_k = at::empty(k.sizes(), k.options());  // (B, H, Tk, D): every row written once
+  at::Tensor grad_k = at::empty(k.sizes(), k.options());  // (B, Hkv, Tk, D): every row written once
   at::Tensor grad_v = at::empty(v.sizes(), v.options());
   at::Tensor grad_q;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_bwd_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    const auto pb = make_problem<scalar_t>(q, k, v, mask, causal, scale, dropout_p, seed);
+    const auto pb = make_problem<scalar_t>(q, k, v, mask, causal, scale, dropout_p, seed, window, softcap);
     const auto acc_options = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
 
     // delta (B, H, Tq) = rowsum(dO ∘ O), in acc_t.
@@ -646,7 +749,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     });
 
     // dq_partial (G, B, H, Tq, D): grad_q itself when there is one group and no conversion.
-    const int64_t groups = key_groups(B * H, (pb.Tk + kBwdKeys - 1) / kBwdKeys);
+    const int64_t groups = key_groups(B * pb.Hkv, (pb.Tk + kBwdKeys - 1) / kBwdKeys);
     const bool direct = groups == 1 && std::is_same_v<acc_t, scalar_t>;
     at::Tensor dq_partial = direct ? at::zeros(q.sizes(), q.options())
                                    : at::zeros({groups, B, H, Tq, D}, acc_options);

@@ -30,7 +30,7 @@ void check_cuda_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                        const std::optional<at::Tensor>& key_padding_mask, double dropout_p, int64_t window,
                        double softcap) {
   check_attention_inputs(op, q, k, v, key_padding_mask, dropout_p, window, softcap);
-  check_attention_features(op, "CUDA", /*gqa=*/false, /*window=*/false, /*softcap=*/false, q, k, window, softcap);
+  check_attention_features(op, "CUDA", /*gqa=*/true, /*window=*/true, /*softcap=*/true, q, k, window, softcap);
   TORCH_CHECK(q.is_cuda(), op, ": q, k and v must be CUDA tensors, got ", q.device());
   TORCH_CHECK(q.size(2) < 65535LL * 64, op, ": Tq must be below ", 65535LL * 64, " (the launch grid), got ",
               q.size(2));
@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   }
   const at::Tensor q_ = kernel_layout(q), k_ = kernel_layout(k), v_ = kernel_layout(v);
   const std::optional<at::Tensor> mask = contiguous_mask(key_padding_mask);
-  AttentionParams p = make_attention_params(q_, k_, v_, mask, causal, scale, dropout_p, seed);
+  AttentionParams p = make_attention_params(q_, k_, v_, mask, causal, scale, dropout_p, seed, window, softcap);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   launcher(p, c10::cuda::getCurrentCUDAStream());
@@ -100,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const std::optional<at::Tensor> mask = contiguous_mask(key_padding_mask);
   at::Tensor delta = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));             // (B, H, Tq)
   at::Tensor grad_q_accum = at::zeros({B, H, Tq, D}, q.options().dtype(at::kFloat));  // (B, H, Tq, D)
-  AttentionParams p = make_attention_params(q_, k_, v_, mask, causal, scale, dropout_p, seed);
+  AttentionParams p = make_attention_params(q_, k_, v_, mask, causal, scale, dropout_p, seed, window, softcap);
   set_attention_backward_params(p, grad_out_, out_, lse_, delta, grad_q_accum, grad_q, grad_k, grad_v);
   launcher(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -12,19 +12,24 @@ namespace fastgpt::cuda {
 // start on 16-byte boundaries (the host wrapper copies tensors that are not).
 struct AttentionParams {
   const void* q;  // (B, H, Tq, D)
-  const void* k;  // (B, H, Tk, D)
-  const void* v;  // (B, H, Tk, D)
+  const void* k;  // (B, Hkv, Tk, D)
+  const void* v;  // (B, Hkv, Tk, D)
   int64_t q_batch_stride, q_head_stride, q_row_stride;
   int64_t k_batch_stride, k_head_stride, k_row_stride;
   int64_t v_batch_stride, v_head_stride, v_row_stride;
   const bool* key_padding_mask;  // (B, Tk) contiguous, true = keep; nullptr: every key visible
-  int batch, heads, q_len, k_len;
+  int batch, heads, q_len, k_len;  // heads: the query heads Hq
+  int kv_heads, kv_group;          // Hkv and Hq / Hkv: query head h reads kv head h / kv_group
   bool causal;                    // bottom-right aligned: query i sees key j iff j <= i + (Tk - Tq)
+  int window;                     // > 0: with p = i + (Tk - Tq), causal p - W < j, else |j - p| < W
+  float softcap;                  // > 0: natural scores s -> softcap * tanh(s / softcap), before masking
+  float softcap_log2;             // softcap * log2(e): the capped score in log2 units
+  float scale_over_softcap;       // scale / softcap: q·k -> the tanh argument
   float scale;                    // scores are scale * q·k
   float scale_log2;               // scale * log2(e): the kernels work with exp2
   float dropout_p;                // 0: no dropout
   float dropout_scale;            // 1 / (1 - dropout_p)
-  uint32_t seed;                  // Philox key word 0 (csrc/philox.h); word 1 is b * H + h
+  uint32_t seed;                  // Philox key word 0 (csrc/philox.h); word 1 is b * Hq + h (the query head)
 
   // forward outputs
   void* out;   // (B, H, Tq, D) contiguous, dtype of q
@@ -38,8 +43,8 @@ struct AttentionParams {
   float* delta;           // (B, H, Tq) scratch: rowsum(grad_out * out)
   float* grad_q_accum;    // (B, H, Tq, D) float32 scratch, zero-initialised
   void* grad_q;           // (B, H, Tq, D) contiguous
-  void* grad_k;           // (B, H, Tk, D) contiguous
-  void* grad_v;           // (B, H, Tk, D) contiguous
+  void* grad_k;           // (B, Hkv, Tk, D) contiguous, summed over each kv head's query group
+  void* grad_v;           // (B, Hkv, Tk, D) contiguous
 };
 
 // The head dims the kernels are compiled for, the one list on the C++ side: X(Element, D) is

@@ -1,12 +1,14 @@
 // Attention backward, FlashAttention-2 style, in three launches:
 //   1. delta:  D_i = Σ_d dO[i, d] · O[i, d]  (= Σ_j P̃_ij dP̃_ij, also under dropout);
-//   2. main:   one thread block per (batch, head, tile of kBlockN keys); warp w owns keys
-//              [16w, 16w + 16). It walks the query tiles that can see its keys, with Q,
+//   2. main:   one thread block per (batch, kv head, tile of kBlockN keys); warp w owns keys
+//              [16w, 16w + 16). It walks the query tiles that can see its keys (causal and
+//              window bounds), of every query head of the kv head's GQA group, with Q,
 //              dO, lse and D double-buffered through shared memory, and recomputes the
 //              probabilities from the saved log-sum-exp instead of storing them:
 //                Sᵀ = K Qᵀ,  Pᵀ = exp(scale·Sᵀ - lse),   dP̃ᵀ = V dOᵀ,
 //                dropout: P̃ = P·keep/(1-p),  dP = dP̃·keep/(1-p),
-//                dSᵀ = Pᵀ ∘ (dPᵀ - D),  dV += P̃ᵀ dO,  dK += dSᵀ Q,  dQ += dS K.
+//                dSᵀ = Pᵀ ∘ (dPᵀ - D) (· (1 - tanh²) under a softcap),
+//                dV += P̃ᵀ dO,  dK += dSᵀ Q,  dQ += dS K.
 //              Working with the transposed scores puts keys on the accumulator rows,
 //              so P̃ᵀ and dSᵀ are already the A operands of the dV and dK GEMMs. dK and
 //              dV stay in registers for the whole walk; dQ (shared by all key blocks)
@@ -68,28 +70,36 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
   auto delta = [&](int stage) { return lse2_base + (2 + stage) * kBlockM; };
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int batch_head = blockIdx.x, batch = batch_head / p.heads, head = batch_head % p.heads;
+  // One block per (batch, kv head, key tile): it walks the query tiles of every query head of
+  // the kv head's group, so dK, dV are summed in registers (deterministic, no atomics).
+  const int batch_kv_head = blockIdx.x, batch = batch_kv_head / p.kv_heads, kv_head = batch_kv_head % p.kv_heads;
   const int key0 = blockIdx.y * kBlockN;
   const int warp_key0 = 16 * warp;
   const int keys[2] = {key0 + warp_key0 + g, key0 + warp_key0 + g + 8};  // rows this lane holds
 
-  const Element* q = offset_pointer<Element>(p.q, batch, head, p.q_batch_stride, p.q_head_stride);
-  const Element* k = offset_pointer<Element>(p.k, batch, head, p.k_batch_stride, p.k_head_stride);
-  const Element* v = offset_pointer<Element>(p.v, batch, head, p.v_batch_stride, p.v_head_stride);
-  const Element* dout =
-      offset_pointer<Element>(p.grad_out, batch, head, p.grad_out_batch_stride, p.grad_out_head_stride);
-  const float* saved_lse = p.saved_lse + int64_t(batch_head) * p.q_len;
-  const float* row_delta = p.delta + int64_t(batch_head) * p.q_len;
-  float* dq_accum = p.grad_q_accum + int64_t(batch_head) * p.q_len * kHeadDim;
+  const Element* k = offset_pointer<Element>(p.k, batch, kv_head, p.k_batch_stride, p.k_head_stride);
+  const Element* v = offset_pointer<Element>(p.v, batch, kv_head, p.v_batch_stride, p.v_head_stride);
   const Visibility visible(p, batch);
 
-  // Query tiles [m_begin, m_tiles) hold every query that sees a key of this block
-  // (causal: query i sees key0 iff i >= key0 - causal_offset).
-  const int m_begin = p.causal ? max(0, key0 - visible.causal_offset) / kBlockM : 0;
-  const int m_tiles = (p.q_len + kBlockM - 1) / kBlockM;
+  // Query tiles [m_begin, m_end) hold every query that sees a key of this block (causal:
+  // query i sees key0 iff i >= key0 - causal_offset; a window bounds them from above too).
+  // The walk is over steps (query head of the group, query tile), n_m tiles per head.
+  const int key_last = min(key0 + kBlockN, p.k_len) - 1;
+  const int query_begin = visible.query_begin(key0), query_end = visible.query_end(key_last, p.q_len);
+  const int m_begin = query_begin / kBlockM;
+  const int m_end = query_end > query_begin ? (query_end + kBlockM - 1) / kBlockM : m_begin;
+  const int n_m = m_end - m_begin, n_steps = n_m * p.kv_group;
+  auto step_head = [&](int step) { return kv_head * p.kv_group + step / n_m; };  // the query head
+  auto step_m_tile = [&](int step) { return m_begin + step % n_m; };
 
-  auto load_query_side = [&](int m_tile, int stage) {
-    const int query0 = m_tile * kBlockM;
+  auto load_query_side = [&](int step, int stage) {
+    const int head = step_head(step), query0 = step_m_tile(step) * kBlockM;
+    const int64_t batch_head = int64_t(batch) * p.heads + head;
+    const Element* q = offset_pointer<Element>(p.q, batch, head, p.q_batch_stride, p.q_head_stride);
+    const Element* dout =
+        offset_pointer<Element>(p.grad_out, batch, head, p.grad_out_batch_stride, p.grad_out_head_stride);
+    const float* saved_lse = p.saved_lse + batch_head * p.q_len;
+    const float* row_delta = p.delta + batch_head * p.q_len;
     load_tile_async<kBlockM, kThreads>(q_tile(stage), q + query0 * p.q_row_stride, p.q_row_stride,
                                        p.q_len - query0);
     load_tile_async<kBlockM, kThreads>(do_tile(stage), dout + query0 * p.grad_out_row_stride,
@@ -105,7 +115,7 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
 
   load_tile_async<kBlockN, kThreads>(k_tile, k + key0 * p.k_row_stride, p.k_row_stride, p.k_len - key0);
   load_tile_async<kBlockN, kThreads>(v_tile, v + key0 * p.v_row_stride, p.v_row_stride, p.k_len - key0);
-  if (m_begin < m_tiles) load_query_side(m_begin, 0);
+  if (n_steps > 0) load_query_side(0, 0);
   cp_async_commit();
 
   float dk[kDTiles][4], dv[kDTiles][4];  // this warp's 16 rows of dK / scale and dV
@@ -114,9 +124,10 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
   // dQ work split: this warp's 16 query rows and kDqCols columns of each query tile.
   const int dq_row0 = 16 * (warp % Cfg::kDqStrips), dq_col0 = Cfg::kDqCols * (warp / Cfg::kDqStrips);
 
-  for (int m_tile = m_begin; m_tile < m_tiles; ++m_tile) {
-    const int stage = (m_tile - m_begin) % 2, query0 = m_tile * kBlockM;
-    if (m_tile + 1 < m_tiles) load_query_side(m_tile + 1, stage ^ 1);  // released by the last iteration's sync
+  for (int step = 0; step < n_steps; ++step) {
+    const int stage = step % 2, query0 = step_m_tile(step) * kBlockM;
+    const int batch_head = batch * p.heads + step_head(step);  // the query head: dropout, dQ
+    if (step + 1 < n_steps) load_query_side(step + 1, stage ^ 1);  // released by the last iteration's sync
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -135,13 +146,14 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
     }
 
     // Elementwise: st becomes P̃ᵀ, dpt becomes dSᵀ (column c of a tile is query query0 + c).
-    const bool needs_mask = visible.tile_needs_mask(query0, key0, kBlockN);
+    const bool needs_mask = visible.tile_needs_mask(query0, kBlockM, key0, kBlockN);
 #pragma unroll
     for (int n = 0; n < kMTiles; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = 8 * n + 2 * t + e % 2, query = query0 + col, key = keys[e / 2];
-        float prob = exp2f(st[n][e] * p.scale_log2 - lse2(stage)[col]);
+        const float score = score_log2(p, st[n][e]);  // soft-capped, log2 units
+        float prob = exp2f(score - lse2(stage)[col]);
         if (needs_mask && !visible(query, key)) prob = 0.0f;
         float dprob = dpt[n][e];
         float kept_prob = prob;
@@ -151,7 +163,12 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
           dprob = keep ? dprob * p.dropout_scale : 0.0f;
         }
         st[n][e] = kept_prob;
-        dpt[n][e] = prob * (dprob - delta(stage)[col]);
+        float ds = prob * (dprob - delta(stage)[col]);  // d loss / d capped score
+        if (p.softcap > 0.0f) {  // d(c·tanh(s/c))/ds = 1 - tanh², tanh = capped / c
+          const float capped_tanh = score / p.softcap_log2;
+          ds *= 1.0f - capped_tanh * capped_tanh;
+        }
+        dpt[n][e] = ds;
       }
     }
 
@@ -184,7 +201,9 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int query = query0 + dq_row0 + g + 8 * (e / 2), col = dq_col0 + 8 * n + 2 * t + e % 2;
-        if (query < p.q_len) atomicAdd(dq_accum + int64_t(query) * kHeadDim + col, dq[n][e]);
+        if (query < p.q_len) {
+          atomicAdd(p.grad_q_accum + (int64_t(batch_head) * p.q_len + query) * kHeadDim + col, dq[n][e]);
+        }
       }
     }
     // ds_tile is rewritten only after the next iteration's __syncthreads: no sync here.
@@ -201,7 +220,7 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
   store_accumulators(k_tile, warp_key0, 0, dk);
   store_accumulators(v_tile, warp_key0, 0, dv);
   __syncthreads();
-  const int64_t out_offset = (int64_t(batch_head) * p.k_len + key0) * kHeadDim;
+  const int64_t out_offset = (int64_t(batch_kv_head) * p.k_len + key0) * kHeadDim;  // (B, Hkv, Tk, D)
   store_tile<kBlockN, kThreads>(k_tile, static_cast<Element*>(p.grad_k) + out_offset, p.k_len - key0);
   store_tile<kBlockN, kThreads>(v_tile, static_cast<Element*>(p.grad_v) + out_offset, p.k_len - key0);
 }
@@ -257,7 +276,7 @@ void launch_attention_bwd(const AttentionParams& params, cudaStream_t stream) {
 
   auto kernel = attention_bwd_kernel<Element, kHeadDim>;
   allow_shared_memory(kernel, Cfg::kSmemBytes);
-  const dim3 grid(params.batch * params.heads, (params.k_len + Cfg::kBlockN - 1) / Cfg::kBlockN);
+  const dim3 grid(params.batch * params.kv_heads, (params.k_len + Cfg::kBlockN - 1) / Cfg::kBlockN);
   launch_kernel(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, params);
 
   const int64_t n_quads = rows * kHeadDim / 4;

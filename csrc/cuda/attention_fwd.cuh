@@ -20,7 +20,9 @@
 //
 // Key tiles run from the last to the first, so tiles that need masking (the causal
 // diagonal, the ragged end of the keys) come first; tiles wholly above the causal
-// diagonal are never loaded; tiles wholly visible skip the masking code.
+// diagonal or outside the sliding window are never loaded; tiles wholly visible skip the
+// masking code. GQA / MQA: query head h reads kv head h / (Hq / Hkv) in place. A logit
+// softcap c turns the natural score s into c·tanh(s / c) before the mask (score_log2).
 #pragma once
 #include "cuda/attention_common.cuh"
 
@@ -69,14 +71,18 @@ __global__ void __launch_bounds__(FwdConfig<Element, kHeadDim>::kThreads)
   const int rows[2] = {row0 + warp_row0 + lane / 4, row0 + warp_row0 + lane / 4 + 8};
 
   const Element* q = offset_pointer<Element>(p.q, batch, head, p.q_batch_stride, p.q_head_stride);
-  const Element* k = offset_pointer<Element>(p.k, batch, head, p.k_batch_stride, p.k_head_stride);
-  const Element* v = offset_pointer<Element>(p.v, batch, head, p.v_batch_stride, p.v_head_stride);
+  const int kv_head = head / p.kv_group;  // GQA / MQA: the group's shared k, v, never repeated
+  const Element* k = offset_pointer<Element>(p.k, batch, kv_head, p.k_batch_stride, p.k_head_stride);
+  const Element* v = offset_pointer<Element>(p.v, batch, kv_head, p.v_batch_stride, p.v_head_stride);
   const Visibility visible(p, batch);
 
-  // Keys [0, key_end) include every key visible to some row of this block.
+  // Key tiles [tile_begin, tile_end) include every key visible to some row of this block
+  // (causal and window bounds); the others are never loaded.
   const int last_row = min(row0 + kBlockM, p.q_len) - 1;
-  const int key_end = p.causal ? min(p.k_len, last_row + visible.causal_offset + 1) : p.k_len;
-  const int n_tiles = key_end > 0 ? (key_end + kBlockN - 1) / kBlockN : 0;
+  const int key_begin = visible.key_begin(row0), key_end = visible.key_end(last_row);
+  const int tile_begin = key_begin / kBlockN;
+  const int tile_end = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : tile_begin;
+  const int n_tiles = tile_end - tile_begin;
 
   auto load_kv = [&](int tile, int stage) {
     const int key0 = tile * kBlockN;
@@ -85,7 +91,7 @@ __global__ void __launch_bounds__(FwdConfig<Element, kHeadDim>::kThreads)
   };
 
   load_tile_async<kBlockM, kThreads>(q_tile, q + row0 * p.q_row_stride, p.q_row_stride, p.q_len - row0);
-  if (n_tiles > 0) load_kv(n_tiles - 1, 0);
+  if (n_tiles > 0) load_kv(tile_end - 1, 0);
   cp_async_commit();
 
   float row_max[2] = {-INFINITY, -INFINITY};  // per held row, in log2 units; the 4 lanes of a quad agree
@@ -102,7 +108,7 @@ __global__ void __launch_bounds__(FwdConfig<Element, kHeadDim>::kThreads)
   }
 
   for (int it = 0; it < n_tiles; ++it) {
-    const int tile = n_tiles - 1 - it, stage = it % 2, key0 = tile * kBlockN;
+    const int tile = tile_end - 1 - it, stage = it % 2, key0 = tile * kBlockN;
     if (it + 1 < n_tiles) load_kv(tile - 1, stage ^ 1);  // its stage was released by the last __syncthreads
     cp_async_commit();
     cp_async_wait<1>();  // everything but the prefetch just issued has landed
@@ -117,13 +123,13 @@ __global__ void __launch_bounds__(FwdConfig<Element, kHeadDim>::kThreads)
       warp_gemm_simt<kHeadDim>(s, row_major(q_tile, warp_row0, 0), transposed(k_tile(stage), 0, 0));
     }
 
-    // Scale first (the scale may be negative), then mask: a hidden score is -inf.
-    const bool needs_mask = visible.tile_needs_mask(row0, key0, kBlockN);
+    // Scale (the scale may be negative) and soft-cap first, then mask: a hidden score is -inf.
+    const bool needs_mask = visible.tile_needs_mask(row0, kBlockM, key0, kBlockN);
 #pragma unroll
     for (int n = 0; n < kSTiles; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[n][e] *= p.scale_log2;
+        s[n][e] = score_log2(p, s[n][e]);
         if (needs_mask && !visible(rows[e / 2], key0 + 8 * n + 2 * t + e % 2)) s[n][e] = -INFINITY;
       }
     }

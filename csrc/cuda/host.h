@@ -54,10 +54,11 @@ inline AttentionLauncher pick_attention_launcher(bool forward, at::ScalarType dt
   return launcher;
 }
 
-// q (B, H, Tq, D), k, v (B, H, Tk, D) with a contiguous last dim; mask (B, Tk) contiguous.
+// q (B, Hq, Tq, D), k, v (B, Hkv, Tk, D) with a contiguous last dim, Hq % Hkv == 0; mask (B, Tk)
+// contiguous; window 0 / softcap 0 = none.
 inline AttentionParams make_attention_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                              const std::optional<at::Tensor>& mask, bool causal, double scale,
-                                             double dropout_p, int64_t seed) {
+                                             double dropout_p, int64_t seed, int64_t window, double softcap) {
   AttentionParams p{};
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
   p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
@@ -65,7 +66,12 @@ inline AttentionParams make_attention_params(const at::Tensor& q, const at::Tens
   p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
   p.key_padding_mask = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
   p.batch = int(q.size(0)), p.heads = int(q.size(1)), p.q_len = int(q.size(2)), p.k_len = int(k.size(2));
+  p.kv_heads = int(k.size(1)), p.kv_group = int(q.size(1) / std::max<int64_t>(k.size(1), 1));
   p.causal = causal;
+  p.window = int(std::min<int64_t>(std::max<int64_t>(window, 0), int64_t(1) << 30));
+  p.softcap = softcap > 0.0 ? float(softcap) : 0.0f;
+  p.softcap_log2 = softcap > 0.0 ? float(softcap * 1.4426950408889634) : 0.0f;
+  p.scale_over_softcap = softcap > 0.0 ? float(scale / softcap) : 0.0f;
   p.scale = float(scale);
   p.scale_log2 = float(scale * 1.4426950408889634);
   p.dropout_p = float(dropout_p);

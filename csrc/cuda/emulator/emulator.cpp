@@ -5,7 +5,8 @@
 // machines without a GPU. Timing, real concurrency and the hardware itself are not: those
 // need tools/gpu_check.sh on a GPU.
 //
-// Every entry point takes `reverse_order` (fiber scheduling order) and `copy_at_wait`
+// The attention entry points take the op's window / softcap (0 = none) like fastgpt::attention_*;
+// every entry point takes `reverse_order` (fiber scheduling order) and `copy_at_wait`
 // (cp.async data lands at the wait instead of at issue) to shake out ordering bugs.
 #include <torch/extension.h>
 
@@ -36,14 +37,15 @@ at::Tensor kernel_layout(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.
 
 std::vector<at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                       const std::optional<at::Tensor>& mask_in, bool causal, double scale,
-                                      double dropout_p, int64_t seed, bool reverse_order, bool copy_at_wait) {
+                                      double dropout_p, int64_t seed, int64_t window, double softcap, bool reverse_order,
+                                      bool copy_at_wait) {
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   std::optional<at::Tensor> mask;
   if (mask_in.has_value()) mask = mask_in->contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   configure(reverse_order, copy_at_wait, {&q, &k, &v});
-  AttentionParams p = make_attention_params(q, k, v, mask, causal, scale, dropout_p, seed);
+  AttentionParams p = make_attention_params(q, k, v, mask, causal, scale, dropout_p, seed, window, softcap);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   pick_attention_launcher(true, q.scalar_type(), q.size(3))(p, nullptr);
@@ -53,7 +55,8 @@ std::vector<at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& 
 std::vector<at::Tensor> attention_bwd(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
                                       const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
                                       const std::optional<at::Tensor>& mask_in, bool causal, double scale,
-                                      double dropout_p, int64_t seed, bool reverse_order, bool copy_at_wait) {
+                                      double dropout_p, int64_t seed, int64_t window, double softcap, bool reverse_order,
+                                      bool copy_at_wait) {
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   const at::Tensor grad_out = kernel_layout(grad_out_in), out = out_in.contiguous(), lse = lse_in.contiguous();
   std::optional<at::Tensor> mask;
@@ -64,7 +67,7 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& grad_out_in, const at::T
   at::Tensor grad_q = at::empty(q.sizes(), q.options()), grad_k = at::empty(k.sizes(), k.options()),
              grad_v = at::empty(v.sizes(), v.options());
   configure(reverse_order, copy_at_wait, {&q, &k, &v, &grad_out});
-  AttentionParams p = make_attention_params(q, k, v, mask, causal, scale, dropout_p, seed);
+  AttentionParams p = make_attention_params(q, k, v, mask, causal, scale, dropout_p, seed, window, softcap);
   set_attention_backward_params(p, grad_out, out, lse, delta, grad_q_accum, grad_q, grad_k, grad_v);
   pick_attention_launcher(false, q.scalar_type(), q.size(3))(p, nullptr);
   return {grad_q, grad_k, grad_v};
