@@ -356,7 +356,7 @@ HOPPER_COMPILE_SCRIPT = textwrap.dedent("""
     # Triton specialises int arguments equal to 1 as constants: the unit strides of a launch.
     UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_od", "stride_kpmn",
                     "stride_xc", "stride_dyc", "stride_w", "stride_b")
-    FLOATS = ("qk_scale", "sm_scale", "dropout_p", "keep_scale", "eps")
+    FLOATS = ("qk_scale", "sm_scale", "dropout_p", "keep_scale", "eps", "softcap")
     FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "mean_ptr", "rstd_ptr", "dw_partial_ptr", "db_partial_ptr")
 
     def build(kernel, dtype, constexprs, num_warps, num_stages):
@@ -372,12 +372,16 @@ HOPPER_COMPILE_SCRIPT = textwrap.dedent("""
         compiled = compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
         assert compiled.asm["cubin"], fn.__name__
 
-    plain = dict(HEAD_DIM=64, CAUSAL=True, HAS_KPM=False, kpm_ptr=None, HAS_DROPOUT=False, DOT_PRECISION="tf32")
-    every_feature = dict(HEAD_DIM=32, CAUSAL=True, HAS_KPM=True, HAS_DROPOUT=True, DOT_PRECISION="ieee")
+    plain = dict(HEAD_DIM=64, CAUSAL=True, HAS_KPM=False, kpm_ptr=None, HAS_DROPOUT=False, DOT_PRECISION="tf32",
+                 SOFTCAP=False, WINDOW=False)
+    # GQA (KV_GROUP is a runtime int), sliding window and softcap together with mask and dropout.
+    every_feature = dict(HEAD_DIM=32, CAUSAL=True, HAS_KPM=True, HAS_DROPOUT=True, DOT_PRECISION="ieee",
+                         SOFTCAP=True, WINDOW=True)
     for kernel, pass_ in ((fa._attention_fwd_kernel, {}), (fa._attention_bwd_dkdv_kernel, dict(DQ_PASS=False)),
                           (fa._attention_bwd_dq_kernel, dict(DQ_PASS=True))):
         build(kernel, "bf16", {**plain, **pass_}, 4, 3)  # a GPT's call: no mask, no dropout
         build(kernel, "fp32", {**every_feature, **pass_}, 4, 3)
+        build(kernel, "bf16", {**plain, **pass_, "CAUSAL": False, "SOFTCAP": True, "WINDOW": True}, 4, 3)
     build(fa._attention_bwd_delta_kernel, "bf16", dict(HEAD_DIM=64, BLOCK_M=fa.DELTA_BLOCK_M), 4, 1)
     build(ln._layer_norm_fwd_kernel, "bf16", dict(BLOCK_C=1024), 4, 1)
     build(ln._layer_norm_bwd_kernel, "bf16", dict(BLOCK_C=1024), 4, 1)

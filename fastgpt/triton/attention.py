@@ -23,6 +23,15 @@ no visible key (causal or key_padding_mask) gets out = 0, lse = -inf, and zero
 gradients: the online softmax subtracts 0 instead of a -inf maximum, and the backward
 pass masks (tl.where) every probability of such a row to 0 before using it.
 
+Today's models (constexpr flags: with them off the kernels are the plain MHA ones):
+- GQA / MQA: k, v have Hkv = H // KV_GROUP heads; query head h reads kv head h // KV_GROUP.
+  The dK/dV program of (key tile, b, kv head) loops over the group's query heads and sums in
+  registers (deterministic, no atomics); dropout stays keyed by the query head b·H + h.
+- WINDOW (W > 0, p = i + Tk - Tq): causal sees p - W < j <= p, non-causal |j - p| < W. Only the
+  tiles that reach the window are visited (`_window_key_range`, `_window_query_range`), all masked.
+- SOFTCAP (c > 0): the natural score s becomes c·tanh(s / c) before masking; the backward
+  multiplies dS by 1 - tanh².
+
 Scores are kept in log2 units: s2 = (q·k) · scale · log2(e), so every exponential is
 one exp2 (FlashAttention's trick); lse is converted to natural logs when stored.
 
@@ -117,6 +126,32 @@ def _query_tile_ranges(start_n, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.conste
 
 
 @triton.jit
+def _window_key_range(start_m, Tq, Tk, window, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sliding window W: the key tiles [lo, end) that the query tile [start_m, start_m + BLOCK_M)
+    can see (p = i + Tk - Tq; causal p - W < j <= p, else |j - p| < W); lo is BLOCK_N-aligned.
+    Every tile in it is masked; the tiles outside are never visited (cost O(Tq * W))."""
+    lo = (tl.maximum(start_m + Tk - Tq - window + 1, 0) // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        end = tl.minimum(tl.maximum(start_m + BLOCK_M + Tk - Tq, 0), Tk)
+    else:
+        end = tl.minimum(tl.maximum(start_m + BLOCK_M - 1 + Tk - Tq + window, 0), Tk)
+    return lo, end
+
+
+@triton.jit
+def _window_query_range(start_n, Tq, Tk, window, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sliding window W: the query tiles [lo, hi) that see part of the key tile
+    [start_n, start_n + BLOCK_N); lo is BLOCK_M-aligned, every tile is masked."""
+    if CAUSAL:
+        first = start_n - (Tk - Tq)  # query i sees key j only if j <= i + Tk - Tq
+    else:
+        first = start_n - (Tk - Tq) - window + 1
+    lo = (tl.maximum(first, 0) // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 + window - (Tk - Tq), 0), Tq)
+    return lo, hi
+
+
+@triton.jit
 def _tile_visible(rows, cols, Tq, Tk, CAUSAL: tl.constexpr):
     """bool, broadcast of rows (query indices) against cols (key indices): key in range and,
     when causal, j <= i + (Tk - Tq)."""
@@ -124,6 +159,23 @@ def _tile_visible(rows, cols, Tq, Tk, CAUSAL: tl.constexpr):
     if CAUSAL:
         visible = visible & (cols <= rows + (Tk - Tq))
     return visible
+
+
+@triton.jit
+def _tanh(x):
+    """tanh via one exp2, saturating cleanly at +-1 for large |x|."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def _in_window(rows, cols, Tq, Tk, window, CAUSAL: tl.constexpr):
+    """bool, rows against cols: key j inside query i's window (p = i + Tk - Tq): j > p - W, and
+    j < p + W unless causal (whose j <= p is _tile_visible's)."""
+    pos = rows + (Tk - Tq)
+    ok = cols > pos - window
+    if not CAUSAL:
+        ok = ok & (cols < pos + window)
+    return ok
 
 
 @triton.jit
@@ -159,9 +211,10 @@ def _load_lse2(lse_row, offs_m, Tq):
 @triton.jit
 def _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
                          stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                         offs_m, offs_d, lo, hi, Tq, Tk, qk_scale, dropout_p, seed64,
+                         offs_m, offs_d, lo, hi, Tq, Tk, qk_scale, dropout_p, seed64, softcap,
                          CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                         MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                         MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                         SOFTCAP: tl.constexpr, window, WINDOW: tl.constexpr):
     """Folds key tiles [lo, hi) into the online-softmax state (acc, m_i, l_i) of one query tile."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -169,8 +222,12 @@ def _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
         k_t = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
                       mask=key_ok[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if SOFTCAP:  # Gemma 2: natural score -> c * tanh(score / c), back in log2 units
+            s = _tanh(s * (LN2 / softcap)) * (softcap * LOG2E)
         if MASKED:
             s = tl.where(_tile_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL), s, float("-inf"))
+            if WINDOW:
+                s = tl.where(_in_window(offs_m[:, None], offs_n[None, :], Tq, Tk, window, CAUSAL), s, float("-inf"))
         if HAS_KPM:
             s = tl.where(_key_kept(kpm_row, stride_kpmn, offs_n, Tk)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -197,10 +254,11 @@ def _attention_fwd_kernel(
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_kpmb, stride_kpmn,
-        H, Tq, Tk, qk_scale, dropout_p, keep_scale, seed, Q_BUCKET, K_BUCKET,
+        H, KV_GROUP, Tq, Tk, qk_scale, dropout_p, keep_scale, seed, softcap, window, Q_BUCKET, K_BUCKET,
         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # q (B, H, Tq, D), k, v (B, H, Tk, D) any strides; kpm uint8 (B, Tk) or None;
+        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # q (B, H, Tq, D), k, v (B, H // KV_GROUP, Tk, D) any strides (query head h reads kv head
+    # h // KV_GROUP: GQA / MQA, never repeated in memory); kpm uint8 (B, Tk) or None;
     # out (B, H, Tq, D) and lse (B, H, Tq) float32, contiguous. Grid (cdiv(Tq, BLOCK_M), B * H).
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -208,10 +266,11 @@ def _attention_fwd_kernel(
     # Under causal masking the last query tiles have the most keys: launch them first.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    hk = h // KV_GROUP
     offs_d = tl.arange(0, HEAD_DIM)
     q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
     kpm_row = kpm_ptr + b * stride_kpmb if HAS_KPM else kpm_ptr
     seed64 = _philox_key(seed, bh)
 
@@ -220,15 +279,19 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    key_lo = 0
     full_end, end = _key_tile_ranges(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    if WINDOW:  # only the key tiles inside the window, all masked
+        key_lo, end = _window_key_range(start_m, Tq, Tk, window, CAUSAL, BLOCK_M, BLOCK_N)
+        full_end = key_lo
     acc, m_i, l_i = _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
                                          stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                                         offs_m, offs_d, 0, full_end, Tq, Tk, qk_scale, dropout_p, seed64,
-                                         CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_N)
+                                         offs_m, offs_d, key_lo, full_end, Tq, Tk, qk_scale, dropout_p, seed64, softcap,
+                                         CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_N, SOFTCAP, window, WINDOW)
     acc, m_i, l_i = _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
                                          stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                                         offs_m, offs_d, full_end, end, Tq, Tk, qk_scale, dropout_p, seed64,
-                                         CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_N)
+                                         offs_m, offs_d, full_end, end, Tq, Tk, qk_scale, dropout_p, seed64, softcap,
+                                         CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_N, SOFTCAP, window, WINDOW)
 
     has_key = l_i > 0.0  # l_i >= 1 once a row has seen a visible key (its maximum adds exp2(0))
     l_safe = tl.where(has_key, l_i, 1.0)  # no 1/0 or log(0) even in the discarded where branch
@@ -264,9 +327,10 @@ def _attention_bwd_delta_kernel(out_ptr, do_ptr, delta_ptr,
 @triton.jit
 def _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, kpm_row,
                               stride_qm, stride_qd, stride_dom, stride_dod, stride_kpmn,
-                              offs_n, offs_d, lo, hi, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64,
+                              offs_n, offs_d, lo, hi, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64, softcap,
                               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                              MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+                              MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                              SOFTCAP: tl.constexpr, window, WINDOW: tl.constexpr):
     """Accumulates dK, dV (BLOCK_N, HEAD_DIM) of one key tile over query tiles [lo, hi).
     Works in the transposed (key, query) orientation so that no (BLOCK_N, BLOCK_M) tile is transposed."""
     for start_m in range(lo, hi, BLOCK_M):
@@ -279,9 +343,14 @@ def _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
         lse2 = _load_lse2(lse_row, offs_m, Tq)  # (BLOCK_M,)
         delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
         s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
+        if SOFTCAP:
+            cap_t = _tanh(s_t * (LN2 / softcap))
+            s_t = cap_t * (softcap * LOG2E)
         p_t = tl.math.exp2(s_t - lse2[None, :])  # the forward's softmax, recomputed
         if MASKED:
             p_t = tl.where(_tile_visible(offs_m[None, :], offs_n[:, None], Tq, Tk, CAUSAL), p_t, 0.0)
+            if WINDOW:
+                p_t = tl.where(_in_window(offs_m[None, :], offs_n[:, None], Tq, Tk, window, CAUSAL), p_t, 0.0)
         if HAS_KPM:
             p_t = tl.where(_key_kept(kpm_row, stride_kpmn, offs_n, Tk)[:, None], p_t, 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M): dO vᵀ, transposed
@@ -292,6 +361,8 @@ def _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
         else:
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])  # gradient of the scaled scores, transposed
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - cap_t * cap_t)  # through c * tanh(s / c)
         dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -299,9 +370,10 @@ def _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
 @triton.jit
 def _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
                             stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                            offs_m, offs_d, lo, hi, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64,
+                            offs_m, offs_d, lo, hi, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64, softcap,
                             CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                            MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                            MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                            SOFTCAP: tl.constexpr, window, WINDOW: tl.constexpr):
     """Accumulates dQ (BLOCK_M, HEAD_DIM) of one query tile over key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -311,9 +383,14 @@ def _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
         v_t = tl.load(v_base + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn,
                       mask=key_ok, other=0.0)  # (HEAD_DIM, BLOCK_N)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if SOFTCAP:
+            cap = _tanh(s * (LN2 / softcap))
+            s = cap * (softcap * LOG2E)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             p = tl.where(_tile_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL), p, 0.0)
+            if WINDOW:
+                p = tl.where(_in_window(offs_m[:, None], offs_n[None, :], Tq, Tk, window, CAUSAL), p, 0.0)
         if HAS_KPM:
             p = tl.where(_key_kept(kpm_row, stride_kpmn, offs_n, Tk)[None, :], p, 0.0)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
@@ -321,6 +398,8 @@ def _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
             keep = _dropout_keep(seed64, offs_m[:, None], offs_n[None, :], Tk, dropout_p)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - cap * cap)  # through c * tanh(s / c)
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
     return dq
 
@@ -335,28 +414,31 @@ def _attention_bwd_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_kpmb, stride_kpmn,
         stride_dob, stride_doh, stride_dom, stride_dod,
-        H, Tq, Tk, sm_scale, qk_scale, dropout_p, keep_scale, seed, Q_BUCKET, K_BUCKET,
+        H, KV_GROUP, Tq, Tk, sm_scale, qk_scale, dropout_p, keep_scale, seed, softcap, window, Q_BUCKET, K_BUCKET,
         HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, DQ_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # q, do (B, H, Tq, D), k, v (B, H, Tk, D) any strides; lse, delta (B, H, Tq) float32;
     # dq (B, H, Tq, D), dk, dv (B, H, Tk, D) contiguous. The two passes share this signature and
     # the per-head prologue; each writes only its own outputs:
-    #   DQ_PASS False: a program owns a key tile, accumulates its dK, dV. Grid (cdiv(Tk, BLOCK_N), B * H).
+    #   DQ_PASS False: a program owns a key tile of one kv head and accumulates its dK, dV over
+    #                  the KV_GROUP query heads that read it. Grid (cdiv(Tk, BLOCK_N), B * H // KV_GROUP).
     #   DQ_PASS True:  a program owns a query tile, accumulates its dQ.   Grid (cdiv(Tq, BLOCK_M), B * H).
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    # k, v, dk, dv have H // KV_GROUP heads (GQA / MQA; KV_GROUP = 1 is plain multi-head attention).
     offs_d = tl.arange(0, HEAD_DIM)
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    do_base = do_ptr + b * stride_dob + h * stride_doh
-    lse_row = lse_ptr + bh * Tq
-    delta_row = delta_ptr + bh * Tq
-    kpm_row = kpm_ptr + b * stride_kpmb if HAS_KPM else kpm_ptr
-    seed64 = _philox_key(seed, bh)
-
+    kpm_ptr_ = kpm_ptr
     if DQ_PASS:
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        hk = h // KV_GROUP
+        q_base = q_ptr + b * stride_qb + h * stride_qh
+        k_base = k_ptr + b * stride_kb + hk * stride_kh
+        v_base = v_ptr + b * stride_vb + hk * stride_vh
+        do_base = do_ptr + b * stride_dob + h * stride_doh
+        lse_row = lse_ptr + bh * Tq
+        delta_row = delta_ptr + bh * Tq
+        kpm_row = kpm_ptr + b * stride_kpmb if HAS_KPM else kpm_ptr_
+        seed64 = _philox_key(seed, bh)
         start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the busiest query tiles first
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Tq
@@ -367,18 +449,29 @@ def _attention_bwd_kernel(
         lse2 = _load_lse2(lse_row, offs_m, Tq)  # (BLOCK_M,)
         delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        key_lo = 0
         full_end, end = _key_tile_ranges(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+        if WINDOW:  # only the key tiles inside the window, all masked
+            key_lo, end = _window_key_range(start_m, Tq, Tk, window, CAUSAL, BLOCK_M, BLOCK_N)
+            full_end = key_lo
         dq = _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                                     offs_m, offs_d, 0, full_end, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64,
-                                     CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_N)
+                                     offs_m, offs_d, key_lo, full_end, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64, softcap,
+                                     CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_N, SOFTCAP, window, WINDOW)
         dq = _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                                     offs_m, offs_d, full_end, end, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64,
-                                     CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_N)
+                                     offs_m, offs_d, full_end, end, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64, softcap,
+                                     CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_N, SOFTCAP, window, WINDOW)
         tl.store(dq_ptr + (bh * Tq + offs_m)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
                  (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
+        bhk = tl.program_id(1)  # b * Hkv + kv head
+        Hkv = H // KV_GROUP
+        b = (bhk // Hkv).to(tl.int64)
+        hk = (bhk % Hkv).to(tl.int64)
+        k_base = k_ptr + b * stride_kb + hk * stride_kh
+        v_base = v_ptr + b * stride_vb + hk * stride_vh
+        kpm_row = kpm_ptr + b * stride_kpmb if HAS_KPM else kpm_ptr_
         start_n = tl.program_id(0) * BLOCK_N  # under causal masking the first key tiles have the most queries
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = (offs_n < Tk)[:, None]
@@ -388,18 +481,31 @@ def _attention_bwd_kernel(
                     mask=key_ok, other=0.0)  # (BLOCK_N, HEAD_DIM)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        q_hi = Tq
         lo, full_start = _query_tile_ranges(start_n, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
-        dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, kpm_row,
-                                           stride_qm, stride_qd, stride_dom, stride_dod, stride_kpmn,
-                                           offs_n, offs_d, lo, tl.minimum(full_start, Tq), Tq, Tk, qk_scale,
-                                           dropout_p, keep_scale, seed64,
-                                           CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_M)
-        dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, kpm_row,
-                                           stride_qm, stride_qd, stride_dom, stride_dod, stride_kpmn,
-                                           offs_n, offs_d, full_start, Tq, Tq, Tk, qk_scale,
-                                           dropout_p, keep_scale, seed64,
-                                           CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_M)
-        out_offsets = (bh * Tk + offs_n)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+        if WINDOW:  # only the query tiles whose windows reach this key tile, all masked
+            lo, q_hi = _window_query_range(start_n, Tq, Tk, window, CAUSAL, BLOCK_M, BLOCK_N)
+            full_start = q_hi
+        # The group's query heads in order, summed in registers: deterministic, no atomics.
+        for g in range(0, KV_GROUP):
+            h = hk * KV_GROUP + g
+            bh = b * H + h  # the query head's flat index (its lse, delta rows and Philox key)
+            q_base = q_ptr + b * stride_qb + h * stride_qh
+            do_base = do_ptr + b * stride_dob + h * stride_doh
+            lse_row = lse_ptr + bh * Tq
+            delta_row = delta_ptr + bh * Tq
+            seed64 = _philox_key(seed, bh)
+            dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, kpm_row,
+                                               stride_qm, stride_qd, stride_dom, stride_dod, stride_kpmn,
+                                               offs_n, offs_d, lo, tl.minimum(full_start, Tq), Tq, Tk, qk_scale,
+                                               dropout_p, keep_scale, seed64, softcap,
+                                               CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_M, SOFTCAP, window, WINDOW)
+            dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, kpm_row,
+                                               stride_qm, stride_qd, stride_dom, stride_dod, stride_kpmn,
+                                               offs_n, offs_d, full_start, q_hi, Tq, Tk, qk_scale,
+                                               dropout_p, keep_scale, seed64, softcap,
+                                               CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_M, SOFTCAP, window, WINDOW)
+        out_offsets = (bhk * Tk + offs_n)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
         tl.store(dk_ptr + out_offsets, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=key_ok)
         tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=key_ok)
 
@@ -423,8 +529,9 @@ def _launch_args(op, q, k, v, key_padding_mask, causal, scale, dropout_p, seed, 
     _launch.check_capabilities(op, "attention", q, head_dim=D, features=features)
     torch._check(B * H <= MAX_GRID_Y, lambda: f"fastgpt::{op}: B * H must be at most {MAX_GRID_Y} (the launch "
                                               f"grid), got {B * H}")
-    torch._check(k.shape == v.shape and k.shape[:2] == q.shape[:2] and k.shape[3] == D,
-                 lambda: f"fastgpt::{op}: q (B, H, Tq, D), k and v (B, H, Tk, D) must agree, "
+    Hkv = k.shape[1]
+    torch._check(k.shape == v.shape and k.shape[0] == B and Hkv > 0 and H % Hkv == 0 and k.shape[3] == D,
+                 lambda: f"fastgpt::{op}: q (B, H, Tq, D), k and v (B, Hkv, Tk, D) with H % Hkv == 0 must agree, "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     torch._check(q.dtype == k.dtype == v.dtype,
                  lambda: f"fastgpt::{op}: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -437,8 +544,10 @@ def _launch_args(op, q, k, v, key_padding_mask, causal, scale, dropout_p, seed, 
     kpm_strides = kpm.stride() if kpm is not None else (0, 0)
     pointers = (q, k, v, kpm)
     strides = (*q.stride(), *k.stride(), *v.stride(), *kpm_strides)
-    scalars = dict(H=H, Tq=Tq, Tk=Tk, qk_scale=scale * LOG2E.value, dropout_p=dropout_p,
+    scalars = dict(H=H, KV_GROUP=H // Hkv, Tq=Tq, Tk=Tk, qk_scale=scale * LOG2E.value, dropout_p=dropout_p,
                    keep_scale=1.0 / (1.0 - dropout_p), seed=seed & 0xFFFFFFFF,
+                   softcap=float(softcap) if softcap else 1.0, SOFTCAP=bool(softcap),
+                   window=int(window) if window else 0, WINDOW=bool(window),
                    Q_BUCKET=_launch.length_bucket(Tq), K_BUCKET=_launch.length_bucket(Tk),
                    HEAD_DIM=D, CAUSAL=causal, HAS_KPM=kpm is not None, HAS_DROPOUT=dropout_p > 0.0,
                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
@@ -482,14 +591,15 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                          f"got {lse.dtype} {tuple(lse.shape)}")
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)  # (B, H, Tq): rowsum(dO * O)
     grad_q = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)  # (B, H, Tq, D)
-    grad_k = torch.empty((B, H, Tk, D), dtype=k.dtype, device=q.device)  # (B, H, Tk, D)
-    grad_v = torch.empty((B, H, Tk, D), dtype=v.dtype, device=q.device)  # (B, H, Tk, D)
+    Hkv = k.shape[1]
+    grad_k = torch.empty((B, Hkv, Tk, D), dtype=k.dtype, device=q.device)  # (B, Hkv, Tk, D)
+    grad_v = torch.empty((B, Hkv, Tk, D), dtype=v.dtype, device=q.device)  # (B, Hkv, Tk, D)
     # Both passes take the same arguments (_attention_bwd_kernel's signature).
     bwd_args = (*pointers, grad_out, lse, delta, grad_q, grad_k, grad_v, *strides, *grad_out.stride())
     with _launch.device_guard(q):
         _attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Tq, HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M)
-        _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * H)](
+        _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
             *bwd_args, sm_scale=scale, DQ_PASS=False, **scalars)
         _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
             *bwd_args, sm_scale=scale, DQ_PASS=True, **scalars)
@@ -499,7 +609,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 _registration.register("attention", impl="triton_")  # fake impls, autograd, double-backward guard
 
 
-def attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap):
+def attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window=0, softcap=0.0):
     """The `triton` backend's attention: q (B, H, Tq, D), k, v (B, H, Tk, D) -> (B, H, Tq, D).
     Inputs are validated by fastgpt.ops; differentiable in q, k, v."""
     return attention_fwd(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window, softcap)[0]
