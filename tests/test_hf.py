@@ -136,6 +136,13 @@ def test_from_pretrained_with_attn_implementation_fastgpt(eager_model, tmp_path,
     assert len(fused_calls) == 2
 
 
+def causal_minus_previous_token(T: int) -> torch.Tensor:
+    """A caller's additive 4-D mask (2, 1, T, T) no causal + key padding can express: causal, and
+    each token also hides the one before it."""
+    keep = torch.ones(T, T).tril().bool() & ~torch.ones(T, T).tril(-1).triu(-1).bool()
+    return torch.zeros(2, 1, T, T).masked_fill(~keep, torch.finfo(torch.float32).min)
+
+
 def test_a_4d_mask_falls_back_to_sdpa_with_a_warning(eager_model, fused_calls, monkeypatch):
     """A caller's 4-D mask (here: each token also hides the one before it) is no causal + key
     padding: fastgpt.hf hands it to transformers' sdpa and says so once."""
@@ -143,8 +150,7 @@ def test_a_4d_mask_falls_back_to_sdpa_with_a_warning(eager_model, fused_calls, m
     monkeypatch.setattr(fastgpt.hf, "FALLBACKS", set())
     model = same_weights(eager_model, "fastgpt")
     T = 8
-    keep = torch.ones(T, T).tril().bool() & ~torch.ones(T, T).tril(-1).triu(-1).bool()  # causal minus j = i-1
-    additive = torch.zeros(2, 1, T, T).masked_fill(~keep, torch.finfo(torch.float32).min)
+    additive = causal_minus_previous_token(T)
     ids = prompt(batch=2, length=T)
     with torch.no_grad():
         want = eager_model(ids, attention_mask=additive).logits
@@ -380,8 +386,7 @@ def test_a_4d_mask_with_softcap_falls_back_to_the_eager_attention(modern_calls):
     """transformers' sdpa has no softcap: a Gemma 2 call fastgpt cannot express runs the model's eager attention."""
     eager, model, _ = modern_pair("gemma2", "fastgpt")
     T = 8
-    keep = torch.ones(T, T).tril().bool() & ~torch.ones(T, T).tril(-1).triu(-1).bool()  # causal minus j = i-1
-    additive = torch.zeros(2, 1, T, T).masked_fill(~keep, torch.finfo(torch.float32).min)
+    additive = causal_minus_previous_token(T)
     ids = prompt(batch=2, length=T)
     with torch.no_grad():
         want = eager(ids, attention_mask=additive).logits
