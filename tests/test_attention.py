@@ -209,6 +209,12 @@ def test_gradcheck_float64():
     # dropout: a fixed seed makes the function deterministic
     assert torch.autograd.gradcheck(
         lambda q, k, v: torch.ops.fastgpt.attention_fwd(q, k, v, mask, True, 0.5, 0.3, 1234, 0, 0.0)[0], (q, k, v))
+    # grouped-query heads, a window and a softcap (its tanh derivative) together
+    k1, v1 = (t.detach()[:, :1].requires_grad_() for t in (k, v))
+    for causal in (True, False):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: fastgpt.attention(q, k, v, causal=causal, key_padding_mask=mask, window=2, softcap=0.7,
+                                              backend="cpu"), (q, k1, v1))
 
 
 # ---- dropout ------------------------------------------------------------------------------
@@ -291,14 +297,16 @@ def test_cpu_lse_matches_reference(causal):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
                          ids=["float32", "float64", "bfloat16"])
-def test_cpu_opcheck(dtype):
+@pytest.mark.parametrize("kv_heads, window, softcap", [(2, 0, 0.0), (1, 9, 3.0)], ids=["mha", "mqa-window-softcap"])
+def test_cpu_opcheck(dtype, kv_heads, window, softcap):
     q, k, v = (t.requires_grad_() for t in make_qkv(2, 2, 17, 37, 16, dtype=dtype))
+    k, v = (t.detach()[:, :kv_heads].requires_grad_() for t in (k, v))
     mask = padding_mask(2, 37)
-    fwd_args = (q, k, v, mask, True, 0.25, 0.1, 42, 0, 0.0)
+    fwd_args = (q, k, v, mask, True, 0.25, 0.1, 42, window, softcap)
     torch.library.opcheck(torch.ops.fastgpt.attention_fwd.default, fwd_args)
     out, lse = torch.ops.fastgpt.attention_fwd(*fwd_args)
     grad_out = torch.randn_like(out)
-    bwd_args = (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), mask, True, 0.25, 0.1, 42, 0, 0.0)
+    bwd_args = (grad_out, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), mask, True, 0.25, 0.1, 42, window, softcap)
     torch.library.opcheck(torch.ops.fastgpt.attention_bwd.default, bwd_args)
 
 
