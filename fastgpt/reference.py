@@ -74,10 +74,17 @@ def visible_keys(Tq: int, Tk: int, causal: bool, key_padding_mask: torch.Tensor 
     return keep
 
 
+def _repeat_kv(t: torch.Tensor, q_heads: int) -> torch.Tensor:
+    """(B, Hkv, T, D) -> (B, q_heads, T, D): each kv head once per query head of its group. Without
+    groups, t itself: the naive backend's memory is the book's (T x T scores, no copies of k, v)."""
+    groups = q_heads // t.shape[1]
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
 def _scores(q: torch.Tensor, k: torch.Tensor, scale: float | None, softcap: float | None) -> torch.Tensor:
     """(B, Hq, Tq, Tk) scaled (and soft-capped) scores; k (B, Hkv, Tk, D) is repeated per query
     head group here, as transformers' repeat_kv does (query head h reads kv head h // (Hq // Hkv))."""
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    k = _repeat_kv(k, q.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale
     if softcap is not None:  # Gemma 2's attn_logit_softcapping, before any mask
@@ -102,7 +109,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if dropout_p > 0.0:  # keyed by the query head b * Hq + h
         kept = dropout_keep_mask(seed, B, H, Tq, Tk, dropout_p, q.device)
         weights = torch.where(kept, weights / (1.0 - dropout_p), torch.zeros_like(weights))
-    return weights @ v.repeat_interleave(H // v.shape[1], dim=1)
+    return weights @ _repeat_kv(v, H)
 
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, causal: bool = True,
