@@ -97,18 +97,25 @@ DELTA_BLOCK_M = 32 if _launch.INTERPRET else 128
 # ----------------------------------------------------------------------------- tile helpers
 
 @triton.jit
-def _key_tile_ranges(start_m, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For the query tile [start_m, start_m + BLOCK_M): keys [0, full_end) are visible to all of
-    its rows (no masking); keys [full_end, end) need the causal / bounds mask."""
-    if CAUSAL:
+def _key_tile_ranges(start_m, Tq, Tk, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """For the query tile [start_m, start_m + BLOCK_M), the keys it visits: [lo, full_end) are
+    visible to all of its rows (no masking), [full_end, end) need the causal / window / bounds
+    mask. With a window only the tiles it reaches are visited, all masked (lo = full_end)."""
+    if WINDOW:
+        lo, end = _window_key_range(start_m, Tq, Tk, window, CAUSAL, BLOCK_M, BLOCK_N)
+        full_end = lo
+    elif CAUSAL:
         # Row start_m, the tile's first, sees keys j <= start_m + Tk - Tq (all < Tk): whole key
         # tiles up to there are unmasked. The tile's last row sees up to start_m + BLOCK_M - 1 + Tk - Tq.
+        lo = 0
         full_end = (tl.maximum(start_m + Tk - Tq + 1, 0) // BLOCK_N) * BLOCK_N
         end = tl.minimum(tl.maximum(start_m + BLOCK_M + Tk - Tq, 0), Tk)
     else:
+        lo = 0
         full_end = (Tk // BLOCK_N) * BLOCK_N
         end = Tk
-    return full_end, end
+    return lo, full_end, end
 
 
 @triton.jit
@@ -279,11 +286,7 @@ def _attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    key_lo = 0
-    full_end, end = _key_tile_ranges(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
-    if WINDOW:  # only the key tiles inside the window, all masked
-        key_lo, end = _window_key_range(start_m, Tq, Tk, window, CAUSAL, BLOCK_M, BLOCK_N)
-        full_end = key_lo
+    key_lo, full_end, end = _key_tile_ranges(start_m, Tq, Tk, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
                                          stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
                                          offs_m, offs_d, key_lo, full_end, Tq, Tk, qk_scale, dropout_p, seed64, softcap,
@@ -449,11 +452,7 @@ def _attention_bwd_kernel(
         lse2 = _load_lse2(lse_row, offs_m, Tq)  # (BLOCK_M,)
         delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        key_lo = 0
-        full_end, end = _key_tile_ranges(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
-        if WINDOW:  # only the key tiles inside the window, all masked
-            key_lo, end = _window_key_range(start_m, Tq, Tk, window, CAUSAL, BLOCK_M, BLOCK_N)
-            full_end = key_lo
+        key_lo, full_end, end = _key_tile_ranges(start_m, Tq, Tk, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
         dq = _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
                                      offs_m, offs_d, key_lo, full_end, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64, softcap,
