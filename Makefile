@@ -13,14 +13,15 @@ EXT := fastgpt/_C$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_con
 .PHONY: all setup build test bench bench-results cmake-build wheel-check gpu-check gpu-carry clean
 all: test
 
+# Under a lock, and only if no concurrent make did it meanwhile: two makes started on a fresh
+# clone would otherwise build the same venv at once.
 $(VENV)/.deps: requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -r requirements-dev.txt
-	touch $@
+	mkdir -p build && flock build/.venv.lock sh -c 'test $@ -nt requirements-dev.txt || \
+	  { $(PYTHON) -m venv $(VENV) && $(PY) -m pip install -r requirements-dev.txt && touch $@; }'
 
 $(VENV)/.installed: $(VENV)/.deps setup.py pyproject.toml
-	FASTGPT_NO_EXTENSION=1 $(PY) -m pip install --no-build-isolation --no-deps -e .
-	touch $@
+	mkdir -p build && flock build/.venv.lock sh -c 'test $@ -nt setup.py -a $@ -nt pyproject.toml -a $@ -nt $(VENV)/.deps || \
+	  { FASTGPT_NO_EXTENSION=1 $(PY) -m pip install --no-build-isolation --no-deps -e . && touch $@; }'
 
 setup: $(VENV)/.installed
 
@@ -38,12 +39,13 @@ test: build
 	$(MAKE) cmake-build
 
 # make bench writes into the git-ignored benchmarks/out/; make bench-results regenerates the
-# committed benchmarks/results/ (all three benchmarks; their files record this command line).
+# committed benchmarks/results/ (every benchmark and attention scenario; their files record this command line).
 bench: build
 	$(PY) -m fastgpt bench attention
 
 bench-results: build
-	for b in attention layernorm gpt; do $(PY) -m fastgpt bench $$b --out-dir benchmarks/results || exit 1; done
+	for b in attention "attention --scenario gqa" "attention --scenario window" layernorm gpt; do \
+	  $(PY) -m fastgpt bench $$b --out-dir benchmarks/results || exit 1; done
 
 # Reuses the objects `make build` compiled (setup.cfg: build_ext build_temp), so run it after build.
 wheel-check: build

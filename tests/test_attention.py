@@ -334,21 +334,30 @@ def test_cpu_kernel_head_dims_are_the_declared_ones():
         torch.ops.fastgpt.attention_fwd(*make_qkv(1, 1, 2, 2, dims[-1] + 1), None, True, 1.0, 0.0, 0, 0, 0.0)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, database=None)
-@given(B=st.integers(1, 2), H=st.integers(1, 3), Tq=st.integers(1, 80), Tk=st.integers(1, 80),
-       D=st.sampled_from([1, 3, 8, 16, 24, 40, 64]), causal=st.booleans(), masked=st.booleans(),
-       dropout_p=st.sampled_from([0.0, 0.0, 0.35]), scale=st.floats(-1.0, 1.0), mask_seed=st.integers(0, 2**16))
-def test_cpu_property_random_shapes(B, H, Tq, Tk, D, causal, masked, dropout_p, scale, mask_seed):
-    """Any shape, head dim, mask, scale and dropout: output, lse and gradients match the oracle."""
-    q, k, v = (t.requires_grad_() for t in make_qkv(B, H, Tq, Tk, D, generator_seed=mask_seed))
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 3), group=st.sampled_from([1, 1, 2, 3]), Tq=st.integers(1, 80),
+       Tk=st.integers(1, 80), D=st.sampled_from([1, 3, 8, 16, 24, 40, 64]), causal=st.booleans(),
+       masked=st.booleans(), window=st.one_of(st.none(), st.integers(1, 90)),
+       softcap=st.sampled_from([None, None, 0.5, 30.0]), dropout_p=st.sampled_from([0.0, 0.0, 0.35]),
+       scale=st.floats(-1.0, 1.0), mask_seed=st.integers(0, 2**16))
+def test_cpu_property_random_shapes(B, Hkv, group, Tq, Tk, D, causal, masked, window, softcap, dropout_p, scale,
+                                    mask_seed):
+    """Any shape, head dim, GQA group, window, softcap, mask, scale and dropout: output, lse and
+    gradients match the oracle."""
+    q, _, _ = make_qkv(B, Hkv * group, Tq, Tk, D, generator_seed=mask_seed)
+    _, k, v = make_qkv(B, Hkv, Tq, Tk, D, generator_seed=mask_seed + 1)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     mask = (torch.rand(B, Tk, generator=torch.Generator().manual_seed(mask_seed)) > 0.4) if masked else None
-    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, causal, scale, dropout_p, mask_seed, 0, 0.0)
-    oracle = reference.attention(q.double(), k.double(), v.double(), causal, mask, dropout_p, scale, mask_seed)
+    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, causal, scale, dropout_p, mask_seed, window or 0,
+                                               softcap or 0.0)
+    options = dict(window=window, softcap=softcap)
+    oracle = reference.attention(q.double(), k.double(), v.double(), causal, mask, dropout_p, scale, mask_seed,
+                                 **options)
     assert_close(out, oracle)
-    assert_lse_matches(lse, reference.attention_lse(q.double(), k.double(), causal, mask, scale))
+    assert_lse_matches(lse, reference.attention_lse(q.double(), k.double(), causal, mask, scale, **options))
     grad_out = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad_out)
-    want = oracle_grads(q, k, v, grad_out, causal, mask, dropout_p, scale, mask_seed)
+    want = oracle_grads(q, k, v, grad_out, causal, mask, dropout_p, scale, mask_seed, **options)
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         assert_close(g, w, what=name)
 

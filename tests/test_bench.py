@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastgpt
-from fastgpt import cli
+from fastgpt import cli, reference
 from fastgpt.bench import attention, common, gpt_e2e, layer_norm
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -151,12 +151,12 @@ def test_attention_end_to_end_through_the_cli(tmp_path, capsys, name):
 def test_out_of_memory_and_errors_become_rows_and_the_sweep_goes_on(tmp_path):
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
-    def runs_out_of_memory_from_256(q, k, v, causal):
+    def runs_out_of_memory_from_256(q, k, v, causal, window):
         if q.shape[2] >= 256:
             raise oom("CUDA out of memory. Tried to allocate 64.00 GiB")
         return fastgpt.attention(q, k, v, causal=causal, backend="sdpa")
 
-    def rejects_512(q, k, v, causal):
+    def rejects_512(q, k, v, causal, window):
         if q.shape[2] == 512:
             raise ValueError("head dim 64 is not supported at T=512")
         return fastgpt.attention(q, k, v, causal=causal, backend="sdpa")
@@ -195,6 +195,73 @@ def test_points_over_budget_are_skipped_rows(tmp_path):
         assert rows[1]["note"].startswith("predicted") and rows[2]["note"] == "since T=256"
     assert data["slopes"]["fwd"]["naive"] == {"time": None, "memory": None}
     assert (tmp_path / "cpu_attention.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("T, window", [(64, None), (64, 1), (64, 16), (64, 64), (64, 200)])
+def test_windowed_flops_count_the_visible_pairs(T, causal, window):
+    """The FLOPs of a window are those of the (query, key) pairs the mask lets through; causal
+    counts leave out half the diagonal (T²/2 for full causal attention, W²/2 for a window)."""
+    visible = reference.visible_keys(T, T, causal, None, torch.device("cpu"), window).sum().item()
+    exact_diagonal = (min(T, window or T) / 2) if causal else 0
+    assert attention.visible_pairs(T, causal, window) == pytest.approx(visible - exact_diagonal)
+    assert attention.attention_flops(1, 3, T, 8, causal, "fwd", window) == 4 * 3 * 8 * attention.visible_pairs(
+        T, causal, window)
+
+
+def test_gqa_scenario_measures_each_backend_grouped_and_as_mha(tmp_path):
+    data = attention.run(["--scenario", "gqa", "--device", "cpu", "--heads", "4", "--kv-heads", "2", "-D", "16",
+                          "--min-t", "64", "--max-t", "128", "--repeats", "1", "--budget-s", "0",
+                          "--backends", "sdpa", "--out-dir", str(tmp_path)], show_progress=False)
+    assert data["settings"]["kv_heads"] == 2 and data["settings"]["scenario"] == "gqa"
+    assert {r["series"] for r in data["results"]} == {"sdpa", "sdpa MHA"}
+    for row in rows_of(data, series="sdpa"):
+        assert row["status"] == "ok" and row["kv_heads"] == 2
+        mha = rows_of(data, series="sdpa MHA", mode=row["mode"], T=row["T"])[0]
+        assert mha["kv_heads"] == 4 and "speedup_vs_mha" not in mha
+        assert row["speedup_vs_mha"] == pytest.approx(mha["time_ms"] / row["time_ms"])
+        assert row["flops"] == attention.attention_flops(1, 4, row["T"], 16, True, row["mode"])
+    markdown = (tmp_path / "cpu_attention_gqa.md").read_text()
+    assert "Hq=4, Hkv=2" in markdown and "vs mha" in markdown
+    assert (tmp_path / "cpu_attention_gqa.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_window_scenario_series_ratios_and_flex_rows(tmp_path):
+    def flex_stand_in(q, k, v, causal, window):  # torch.compile would take a minute per shape
+        return fastgpt.attention(q, k, v, causal=causal, window=window, backend="sdpa")
+
+    impls = {"sdpa": attention.fastgpt_attention("sdpa"), attention.FLEX: flex_stand_in}
+    data = attention.run(["--scenario", "window", "--device", "cpu", "--heads", "2", "-D", "16", "--min-t", "64",
+                          "--max-t", "256", "--windows", "16,32", "--repeats", "1", "--budget-s", "0",
+                          "--out-dir", str(tmp_path)], impls=impls, show_progress=False)
+    labels = {(r["series"], r["mode"]) for r in data["results"]}
+    # flex only with a window and, on the CPU, only forward (torch has no CPU backward for it)
+    assert labels == {(s, m) for s in ("sdpa", "sdpa W=16", "sdpa W=32") for m in ("fwd", "fwdbwd")} | {
+        ("flex W=16", "fwd"), ("flex W=32", "fwd")}
+    for row in data["results"]:
+        assert row["status"] == "ok", row
+        assert row["flops"] == attention.attention_flops(1, 2, row["T"], 16, True, row["mode"], row["window"])
+        if row["window"] is None or row["backend"] == attention.FLEX:  # flex has no full-causal series
+            assert "speedup_vs_full" not in row
+            continue
+        full = rows_of(data, series="sdpa", mode=row["mode"], T=row["T"])[0]
+        assert row["speedup_vs_full"] == pytest.approx(full["time_ms"] / row["time_ms"])
+        if row["backend"] == "sdpa" and row["mode"] == "fwd":
+            flex = rows_of(data, series=f"flex W={row['window']}", mode="fwd", T=row["T"])[0]
+            assert row["speedup_vs_flex"] == pytest.approx(flex["time_ms"] / row["time_ms"])
+    assert set(data["slopes"]["fwd"]) == {"sdpa", "sdpa W=16", "sdpa W=32", "flex W=16", "flex W=32"}
+    assert "forward only" in (tmp_path / "cpu_attention_window.md").read_text()
+
+
+def test_flex_baseline_attends_to_the_same_window():
+    flex, why_not = attention.flex_attention(compiled=False)
+    if flex is None:
+        pytest.skip(why_not)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, 64, 16, generator=gen) for heads in (4, 2, 2))
+    for causal in (True, False):
+        want = fastgpt.attention(q, k, v, causal=causal, window=9, backend="naive")
+        torch.testing.assert_close(flex(q, k, v, causal, 9), want, atol=1e-5, rtol=1e-5)
 
 
 # ---- layer norm ------------------------------------------------------------------------------

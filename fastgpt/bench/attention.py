@@ -1,21 +1,31 @@
-"""Causal attention against context length: time and peak memory of every backend.
+"""Attention against context length: time and peak memory of every backend, in three scenarios.
 
-    fastgpt bench attention [--device cpu|cuda] [--max-t T] [--backends naive,sdpa,cpu] ...
+    fastgpt bench attention [--scenario context|gqa|window] [--device cpu|cuda] [--max-t T] ...
     fastgpt bench context ...                           (an alias)
     python benchmarks/attention.py ...                  (the same program)
 
 For T = min_t, 2·min_t, ..., max_t and for the forward pass (fwd) and forward +
-backward (fwdbwd) of fastgpt.attention(q, k, v, causal=True, backend=b) with
-q, k, v (B, H, T, D), it records the median time, the peak extra memory, FLOP/s and
-the speed ratio against naive and sdpa measured in the same run. Writes
-<out-dir>/<stem>_attention.json, .md and .png (stem: the device kind, e.g. cpu, h100).
+backward (fwdbwd) of fastgpt.attention(q, k, v, causal=True, window=W, backend=b) with
+q (B, H, T, D) and k, v (B, Hkv, T, D), it records the median time, the peak extra memory,
+FLOP/s and the speed ratios against the baselines measured in the same run. Scenarios
+(SCENARIOS: their shapes and series; every flag below overrides them):
+- context: the book's GPT-2 heads (H 12, D 64), every backend, naive included: how the
+  (T, T) score matrices of the book's attention cost quadratic memory and time;
+- gqa: Llama-3-8B heads (Hq 32, Hkv 8, D 128), each backend with GQA and again as MHA
+  (Hkv = Hq, the same query heads): ratios vs sdpa (enable_gqa) and vs MHA;
+- window: sliding windows W (256, 1024) next to full causal attention of the same backend,
+  and compiled FlexAttention with a sliding-window block mask: ratios vs full causal,
+  vs sdpa (a boolean (T, T) window mask) and vs flex.
+Writes <out-dir>/<stem>_attention[_<scenario>].json, .md and .png (stem: the device kind,
+e.g. cpu, h100; the context scenario has no suffix).
 
 A point that cannot run is a row, never a gap:
 - "OOM": the backend ran out of memory (torch.OutOfMemoryError, MemoryError, the CPU
   allocator's error), or, for naive, the pre-check found that its (T, T) score
   matrices would not fit in the memory available; larger T are not tried;
-- "skipped (budget)": the time predicted from the previous T (time ∝ T²) does not fit
-  in this series' share of the time budget; larger T are not tried either;
+- "skipped (budget)": the time predicted from the previous T (time ∝ T², or ∝ T once T
+  exceeds the window) does not fit in this series' share of the time budget; larger T are
+  not tried either;
 - "error": anything else, with the message.
 """
 from __future__ import annotations
@@ -30,6 +40,7 @@ from typing import Callable, Sequence
 import torch
 
 import fastgpt
+from fastgpt import backends
 from fastgpt.bench import common
 
 PROG = "fastgpt bench attention"  # also `fastgpt bench context` (fastgpt.cli.BENCH_ALIASES)
@@ -41,18 +52,53 @@ MODE_FLOP_FACTOR = {"fwd": 1.0, "fwdbwd": 3.5}
 # profiler), plus the (T, T) bool causal mask.
 NAIVE_LIVE_SCORE_MATRICES = 4
 MATERIALISES_SCORES = ("naive",)
-DEFAULT_MAX_T = {"cpu": 8192, "cuda": 131072}
-DEFAULT_BUDGET_S = {"cpu": 150.0, "cuda": 600.0}
+FLEX = "flex"  # compiled torch FlexAttention: a baseline of the window scenario, not a fastgpt backend
 OK, OOM, SKIPPED, ERROR = "ok", "OOM", "skipped (budget)", "error"
-COLORS = {"naive": "#d62728", "sdpa": "#444444", "cpu": "#1f77b4", "cuda": "#2ca02c", "triton": "#9467bd"}
+COLORS = {"naive": "#d62728", "sdpa": "#444444", "cpu": "#1f77b4", "cuda": "#2ca02c", "triton": "#9467bd",
+          FLEX: "#ff7f0e"}
 SLOPE_POINTS = 4  # the slope is fitted over the largest T measured (the asymptotic regime)
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
+# (q, k, v, causal, window) -> out; window None = no window
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, "int | None"], torch.Tensor]
 
 
-def attention_flops(B: int, H: int, T: int, D: int, causal: bool, mode: str) -> float:
-    """4·B·H·T²·D (two matmuls of 2·T²·D each per head), halved when causal; fwd+bwd 3.5x."""
-    return 4.0 * B * H * T * T * D * (0.5 if causal else 1.0) * MODE_FLOP_FACTOR[mode]
+@dataclass(frozen=True)
+class Scenario:
+    """The defaults of one kind of sweep (see the module docstring)."""
+    heads: int
+    kv_heads: int | None  # None: as many as query heads (MHA)
+    head_dim: int
+    min_t: int
+    max_t: dict[str, int]     # device type -> largest T
+    budget_s: dict[str, float]
+    windows: tuple[int, ...] = ()  # sliding windows measured next to full causal attention
+    with_naive: bool = True   # the book's attention (off where its (T, T) matrices only repeat the context story)
+    with_flex: bool = False   # compiled FlexAttention for each window
+    title: str = "Causal attention vs context length"
+
+
+SCENARIOS = {
+    "context": Scenario(12, None, 64, 128, {"cpu": 8192, "cuda": 131072}, {"cpu": 150.0, "cuda": 600.0}),
+    "gqa": Scenario(32, 8, 128, 1024, {"cpu": 8192, "cuda": 65536}, {"cpu": 1200.0, "cuda": 600.0},
+                    with_naive=False, title="Grouped-query attention (Llama-3-8B heads) vs context length"),
+    "window": Scenario(8, None, 128, 1024, {"cpu": 16384, "cuda": 131072}, {"cpu": 1200.0, "cuda": 600.0},
+                       windows=(256, 1024), with_naive=False, with_flex=True,
+                       title="Sliding-window attention vs context length"),
+}
+
+
+def visible_pairs(T: int, causal: bool, window: int | None) -> float:
+    """(query, key) pairs T queries see over T keys: T² (full), T²/2 (causal, the usual count that
+    leaves out the diagonal's T/2), and with a window W < T: T·W - W²/2 (causal, the same
+    convention, continuous at W = T) or T·(2W - 1) - W·(W - 1) (non-causal, exact)."""
+    if window is None or window >= T:
+        return T * T * (0.5 if causal else 1.0)
+    return T * window - window * window / 2 if causal else T * (2.0 * window - 1) - window * (window - 1)
+
+
+def attention_flops(B: int, H: int, T: int, D: int, causal: bool, mode: str, window: int | None = None) -> float:
+    """4·B·H·D per visible (query, key) pair (two matmuls of 2·D each); fwd+bwd 3.5x."""
+    return 4.0 * B * H * D * visible_pairs(T, causal, window) * MODE_FLOP_FACTOR[mode]
 
 
 def naive_peak_bytes(B: int, H: int, T: int, dtype: torch.dtype) -> int:
@@ -62,17 +108,43 @@ def naive_peak_bytes(B: int, H: int, T: int, dtype: torch.dtype) -> int:
 
 
 def fastgpt_attention(backend: str) -> AttentionFn:
-    return lambda q, k, v, causal: fastgpt.attention(q, k, v, causal=causal, backend=backend)
+    return lambda q, k, v, causal, window: fastgpt.attention(q, k, v, causal=causal, window=window, backend=backend)
+
+
+def flex_attention(compiled: bool = True) -> tuple[AttentionFn | None, str | None]:
+    """(FlexAttention with a sliding-window block mask, torch.compile-d, None) or (None, why not).
+    The block mask of each (T, window) is built once, outside the timed calls; compiled=False
+    runs it eagerly (slow: for checking the mask)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention as flex
+    except ImportError as error:
+        return None, f"this torch has no FlexAttention ({error})"
+    run_flex = torch.compile(flex, dynamic=False) if compiled else flex
+    block_masks: dict = {}
+
+    def attend(q, k, v, causal, window):
+        T = q.shape[-2]
+        key = (T, causal, window, q.device)
+        if key not in block_masks:
+            def visible(b, h, q_idx, kv_idx):
+                near = (q_idx - kv_idx < window) if causal else ((q_idx - kv_idx).abs() < window)
+                return near & (q_idx >= kv_idx) if causal else near
+            block_masks[key] = create_block_mask(visible, None, None, T, k.shape[-2], device=q.device)
+        return run_flex(q, k, v, block_mask=block_masks[key], enable_gqa=k.shape[1] != q.shape[1])
+    return attend, None
 
 
 @dataclass
 class Settings:
+    scenario: str
     device: torch.device
     dtype: torch.dtype
     B: int
     H: int
+    kv_heads: int
     D: int
     causal: bool
+    windows: list[int]
     t_values: list[int]
     modes: list[str]
     repeats: int | None  # None: adaptive (min_repeats .. target_s per point)
@@ -84,43 +156,65 @@ class Settings:
 
 @dataclass
 class Series:
-    """The sweep over T of one (mode, backend)."""
+    """The sweep over T of one (mode, backend, window, kv heads)."""
     mode: str
     backend: str
+    window: int | None = None
+    kv_heads: int | None = None  # None: the settings' kv_heads
+    label: str = ""  # how tables, plots and slopes name it; the backend when there is one series per backend
     last_point: tuple[int, float] | None = None  # (T, median seconds) of the last measured point
     stopped: tuple[str, str] | None = None  # (status, note) once a T failed: larger T are not run
     rows: list[dict] = field(default_factory=list)
 
 
-def _inputs(settings: Settings, T: int, mode: str):
-    """q, k, v (B, H, T, D) and, for fwdbwd, the output gradient (B, H, T, D)."""
+def make_series(settings: Settings, backends: Sequence[str]) -> list[Series]:
+    """Every (mode, backend) series, times the windows and the MHA twin of a GQA sweep.
+    flex runs only with a window (its block mask is the point) and only forward on the CPU
+    (torch has no CPU backward for FlexAttention)."""
+    variants: list[tuple[int | None, int, str]] = [(None, settings.kv_heads, "")]
+    if settings.kv_heads != settings.H:
+        variants.append((None, settings.H, " MHA"))
+    variants += [(w, settings.kv_heads, f" W={w}") for w in settings.windows]
+    series = []
+    for mode in settings.modes:
+        for backend in backends:
+            for window, kv_heads, suffix in variants:
+                if backend == FLEX and (window is None or (mode != "fwd" and settings.device.type == "cpu")):
+                    continue
+                series.append(Series(mode, backend, window, kv_heads, backend + suffix))
+    return series
+
+
+def _inputs(settings: Settings, series: Series, T: int):
+    """q (B, H, T, D), k, v (B, Hkv, T, D) and, for fwdbwd, the output gradient (B, H, T, D);
+    the same numbers for every series at this T."""
     gen = torch.Generator(settings.device).manual_seed(T)
-    shape = (settings.B, settings.H, T, settings.D)
 
-    def randn():
-        return torch.randn(shape, generator=gen, device=settings.device, dtype=settings.dtype)
+    def randn(heads):
+        return torch.randn((settings.B, heads, T, settings.D), generator=gen, device=settings.device,
+                           dtype=settings.dtype)
 
-    q, k, v = randn(), randn(), randn()
-    if mode == "fwd":
+    q, k, v = randn(settings.H), randn(series.kv_heads), randn(series.kv_heads)
+    if series.mode == "fwd":
         return q, k, v, None
-    grad_out = randn()
+    grad_out = randn(settings.H)
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad_out
 
 
-def _call(attn: AttentionFn, settings: Settings, T: int, mode: str) -> Callable[[], object]:
-    q, k, v, grad_out = _inputs(settings, T, mode)
-    if mode == "fwd":
+def _call(attn: AttentionFn, settings: Settings, series: Series, T: int) -> Callable[[], object]:
+    q, k, v, grad_out = _inputs(settings, series, T)
+    if series.mode == "fwd":
         def forward():
             with torch.no_grad():
-                return attn(q, k, v, settings.causal)
+                return attn(q, k, v, settings.causal, series.window)
         return forward
-    return lambda: torch.autograd.grad(attn(q, k, v, settings.causal), (q, k, v), grad_out)
+    return lambda: torch.autograd.grad(attn(q, k, v, settings.causal, series.window), (q, k, v), grad_out)
 
 
-def _untimed_calls(device: torch.device) -> int:
-    """Calls before the timed ones: the memory-measuring call (which warms up on the CPU),
-    plus a plain warm-up on a GPU (Triton compiles and autotunes on its first call)."""
-    return 2 if device.type == "cuda" else 1
+def _needs_warmup(series: Series, device: torch.device) -> bool:
+    """On the CPU the memory-measuring call is the warm-up; a GPU (Triton compiles and autotunes
+    on its first call) and torch.compile (flex) get a plain one first."""
+    return device.type == "cuda" or series.backend == FLEX
 
 
 def _refusal(series: Series, settings: Settings, T: int, started: float, active: int) -> tuple[str, str] | None:
@@ -133,8 +227,9 @@ def _refusal(series: Series, settings: Settings, T: int, started: float, active:
     if settings.budget_s is None or series.last_point is None:
         return None
     last_t, last_s = series.last_point
-    predicted_call_s = last_s * (T / last_t) ** 2
-    calls = _untimed_calls(settings.device) + (settings.repeats or settings.min_repeats)
+    linear = series.window is not None and series.window <= last_t and series.backend not in MATERIALISES_SCORES
+    predicted_call_s = last_s * (T / last_t) ** (1 if linear else 2)
+    calls = 1 + _needs_warmup(series, settings.device) + (settings.repeats or settings.min_repeats)
     remaining = settings.budget_s - (time.perf_counter() - started)
     share = remaining / active  # this series' fair share of what is left
     if predicted_call_s * calls > share:
@@ -147,9 +242,9 @@ def _measure(series: Series, attn: AttentionFn, settings: Settings, T: int) -> d
     device = settings.device
     fn = failure = None
     try:
-        fn = _call(attn, settings, T, series.mode)  # allocates the inputs: may run out of memory too
-        if device.type == "cuda":
-            fn()  # warm-up: compilation, autotuning, cuBLAS handles
+        fn = _call(attn, settings, series, T)  # allocates the inputs: may run out of memory too
+        if _needs_warmup(series, device):
+            fn()
         peak = common.peak_memory_bytes(fn, device)
         timing = common.time_call(fn, device, repeats=settings.repeats, target_s=settings.target_s,
                                   min_repeats=settings.min_repeats)
@@ -162,21 +257,22 @@ def _measure(series: Series, attn: AttentionFn, settings: Settings, T: int) -> d
             common.release_memory(device)
         return failure
     series.last_point = (T, timing.median_s)
-    flops = attention_flops(settings.B, settings.H, T, settings.D, settings.causal, series.mode)
+    flops = attention_flops(settings.B, settings.H, T, settings.D, settings.causal, series.mode, series.window)
     return {"status": OK, "time_ms": timing.median_s * 1e3, "repeats": timing.repeats,
             "memory_mb": peak / 2**20, "flops": flops, "flop_per_s": flops / timing.median_s}
 
 
 def run_sweep(settings: Settings, impls: dict[str, AttentionFn], show_progress: bool = True) -> list[dict]:
-    """Every (mode, backend, T) point as a row; see the module docstring for the statuses."""
-    series = [Series(mode, name) for mode in settings.modes for name in impls]
+    """Every (series, T) point as a row; see the module docstring for the statuses."""
+    series = make_series(settings, list(impls))
     started = time.perf_counter()
     bar = common.progress(len(series) * len(settings.t_values), "attention") if show_progress else None
     for T in settings.t_values:
         for one in series:
             if bar is not None:
-                bar.set_postfix_str(f"{one.backend} {one.mode} T={T}")
-            row = {"backend": one.backend, "mode": one.mode, "T": T}
+                bar.set_postfix_str(f"{one.label} {one.mode} T={T}")
+            row = {"backend": one.backend, "series": one.label, "window": one.window, "kv_heads": one.kv_heads,
+                   "mode": one.mode, "T": T}
             if one.stopped is not None:
                 status, note = one.stopped
                 row.update(status=status, note=note)
@@ -193,40 +289,56 @@ def run_sweep(settings: Settings, impls: dict[str, AttentionFn], show_progress: 
     if bar is not None:
         bar.close()
     rows = [row for one in series for row in one.rows]
-    _add_ratios(rows)
+    _add_ratios(rows, settings)
     return rows
 
 
-def _add_ratios(rows: list[dict]) -> None:
-    """speedup_vs_<baseline> = baseline time / this time, both from this run."""
-    times = {(r["mode"], r["T"], r["backend"]): r["time_ms"] for r in rows if r["status"] == OK}
+# speedup_vs_<name> = time of the baseline point / time of this point, both from this run. A
+# baseline is the same point with one thing changed: the backend (naive, sdpa, flex: at the same
+# window and kv heads), the window dropped (full: full causal attention of the same backend) or
+# the kv heads raised to the query heads (mha: the same backend without grouping).
+RATIOS = ("naive", "sdpa", "flex", "full", "mha")
+
+
+def _baseline_key(row: dict, name: str, settings: Settings) -> tuple | None:
+    mode, T, backend, window, kv_heads = row["mode"], row["T"], row["backend"], row["window"], row["kv_heads"]
+    if name in ("naive", "sdpa", "flex"):
+        return mode, T, name, window, kv_heads  # 1.00x on the baseline's own rows
+    if name == "full":
+        return (mode, T, backend, None, kv_heads) if window is not None else None
+    return (mode, T, backend, window, settings.H) if kv_heads != settings.H else None
+
+
+def _add_ratios(rows: list[dict], settings: Settings) -> None:
+    times = {(r["mode"], r["T"], r["backend"], r["window"], r["kv_heads"]): r["time_ms"]
+             for r in rows if r["status"] == OK}
     for row in rows:
-        for baseline in ("naive", "sdpa"):
-            base = times.get((row["mode"], row["T"], baseline))
+        for name in RATIOS:
+            base = times.get(_baseline_key(row, name, settings))
             if row["status"] == OK and base is not None:
-                row[f"speedup_vs_{baseline}"] = base / row["time_ms"]
+                row[f"speedup_vs_{name}"] = base / row["time_ms"]
 
 
 def fitted_slopes(rows: list[dict]) -> dict[str, dict[str, dict[str, float | None]]]:
-    """{mode: {backend: {"time": slope, "memory": slope}}}: log-log slopes over the largest
+    """{mode: {series: {"time": slope, "memory": slope}}}: log-log slopes over the largest
     SLOPE_POINTS measured T (memory ∝ T² gives 2, ∝ T gives 1)."""
     slopes: dict = {}
     for row in rows:
-        slopes.setdefault(row["mode"], {}).setdefault(row["backend"], None)
-    for mode, by_backend in slopes.items():
-        for backend in by_backend:
-            ok = [r for r in rows if r["mode"] == mode and r["backend"] == backend and r["status"] == OK]
+        slopes.setdefault(row["mode"], {}).setdefault(row["series"], None)
+    for mode, by_series in slopes.items():
+        for label in by_series:
+            ok = [r for r in rows if r["mode"] == mode and r["series"] == label and r["status"] == OK]
             tail = ok[-SLOPE_POINTS:]
             ts = [r["T"] for r in tail]
-            by_backend[backend] = {"time": common.loglog_slope(ts, [r["time_ms"] for r in tail]),
-                                   "memory": common.loglog_slope(ts, [r["memory_mb"] for r in tail])}
+            by_series[label] = {"time": common.loglog_slope(ts, [r["time_ms"] for r in tail]),
+                                "memory": common.loglog_slope(ts, [r["memory_mb"] for r in tail])}
     return slopes
 
 
-def first_failure(rows: list[dict], mode: str, backend: str) -> dict | None:
+def first_failure(rows: list[dict], mode: str, series: str) -> dict | None:
     """The first row of a series that did not run (OOM or skipped), if any."""
     for row in rows:
-        if row["mode"] == mode and row["backend"] == backend and row["status"] in (OOM, SKIPPED):
+        if row["mode"] == mode and row["series"] == series and row["status"] in (OOM, SKIPPED):
             return row
     return None
 
@@ -243,41 +355,62 @@ def _ratio(speedup: float | None) -> str:
 
 def tables(rows: list[dict], settings: Settings) -> str:
     unit, scale = _flops_unit(settings.device)
+    ratios = [name for name in RATIOS if any(f"speedup_vs_{name}" in r for r in rows)]
     parts = []
     for mode in settings.modes:
         body = []
         for row in sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["T"]):
             ok = row["status"] == OK
-            body.append([row["T"], row["backend"],
+            body.append([row["T"], row["series"],
                          common.fmt(row["time_ms"]) if ok else "—",
                          common.fmt(row["memory_mb"]) if ok else "—",
                          common.fmt(row["flop_per_s"] / scale) if ok else "—",
-                         _ratio(row.get("speedup_vs_naive")), _ratio(row.get("speedup_vs_sdpa")),
+                         *(_ratio(row.get(f"speedup_vs_{name}")) for name in ratios),
                          row["status"] if ok else f"{row['status']}: {row['note']}"])
         parts.append(f"### {MODES[mode]} ({mode})\n\n" + common.markdown_table(
-            ["T", "backend", "time ms", "memory MB", unit, "vs naive", "vs sdpa", "status"], body))
+            ["T", "backend", "time ms", "memory MB", unit, *(f"vs {name}" for name in ratios), "status"], body))
     return "\n\n".join(parts)
 
 
 def slopes_table(slopes: dict) -> str:
-    body = [[MODES[mode], backend, common.fmt(s["time"], 2), common.fmt(s["memory"], 2)]
-            for mode, by_backend in slopes.items() for backend, s in by_backend.items()]
+    body = [[MODES[mode], label, common.fmt(s["time"], 2), common.fmt(s["memory"], 2)]
+            for mode, by_series in slopes.items() for label, s in by_series.items()]
     return common.markdown_table(["pass", "backend", "time slope", "memory slope"], body)
+
+
+RATIO_MEANINGS = {
+    "naive": "the book's matmul attention (fastgpt backend naive)",
+    "sdpa": "F.scaled_dot_product_attention (enable_gqa for GQA; an explicit boolean (T, T) mask for a window)",
+    "flex": "torch.compile(flex_attention) with a sliding-window block mask (built outside the timed calls)",
+    "full": "the same backend without the window (full causal attention)",
+    "mha": "the same backend with Hkv = Hq (MHA: the same query heads, no grouping)",
+}
+
+
+def _shape(settings: Settings) -> str:
+    heads = f"H={settings.H}" if settings.kv_heads == settings.H else f"Hq={settings.H}, Hkv={settings.kv_heads}"
+    windows = f", windows W = {', '.join(map(str, settings.windows))}" if settings.windows else ""
+    return (f"B={settings.B}, {heads}, D={settings.D}, {'causal' if settings.causal else 'non-causal'}, "
+            f"{common.dtype_name(settings.dtype)}{windows}")
 
 
 def markdown(data: dict, settings: Settings, png_name: str) -> str:
     env = data["environment"]
-    shape = (f"B={settings.B}, H={settings.H}, D={settings.D}, {'causal' if settings.causal else 'non-causal'}, "
-             f"{common.dtype_name(settings.dtype)}")
-    lines = [f"# Causal attention vs context length: {env['device_name']}", "",
+    ratios = [name for name in RATIOS if any(f"speedup_vs_{name}" in r for r in data["results"])]
+    lines = [f"# {SCENARIOS[settings.scenario].title}: {env['device_name']}", "",
              *common.environment_lines(env),
-             f"- shape: q, k, v (B, H, T, D) with {shape}; T = {settings.t_values[0]} .. {settings.t_values[-1]}",
+             f"- shape: q (B, Hq, T, D), k, v (B, Hkv, T, D) with {_shape(settings)}; "
+             f"T = {settings.t_values[0]} .. {settings.t_values[-1]}",
              f"- time: {data['settings']['timer']}",
              f"- memory: peak extra memory of one call, outputs included: {data['settings']['memory_measure']}",
              f"- FLOPs: {data['settings']['flops']}",
-             "- vs naive / vs sdpa: speedup = baseline time / backend time, both measured in this run",
+             "- vs X: speedup = time of X / time of this row, both measured in this run; X is "
+             + "; ".join(f"{name}: {RATIO_MEANINGS[name]}" for name in ratios),
              f"- slopes: least-squares log-log slope over the {SLOPE_POINTS} largest T measured "
              "(2: quadratic in T, 1: linear)", ""]
+    if FLEX in data["settings"]["backends"]:
+        lines[-1:-1] = ["- flex runs only with a window" + (", forward only (torch has no CPU backward for "
+                        "FlexAttention)" if settings.device.type == "cpu" else "")]
     if data["unavailable"]:
         lines += ["Not measured (unavailable on this device):", ""]
         lines += [f"- {name}: {why}" for name, why in data["unavailable"].items()]
@@ -291,8 +424,18 @@ def _t_label(T: int) -> str:
     return f"{T // 1024}k" if T >= 1024 else str(T)
 
 
+def _line_style(series_rows: list[dict], settings: Settings) -> str:
+    """Solid: the scenario's main series; dashed: the MHA twin or the largest window; dotted: smaller windows."""
+    row = series_rows[0]
+    if row["kv_heads"] != settings.kv_heads:
+        return "--"
+    if row["window"] is None:
+        return "-"
+    return "--" if row["window"] == max(settings.windows) else ":"
+
+
 def plot(rows: list[dict], settings: Settings, slopes: dict, title: str, path: str) -> None:
-    """2 x len(modes) panels: time (top) and memory (bottom) vs T, log-log, per backend."""
+    """2 x len(modes) panels: time (top) and memory (bottom) vs T, log-log, per series."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -300,23 +443,26 @@ def plot(rows: list[dict], settings: Settings, slopes: dict, title: str, path: s
 
     modes = settings.modes
     fig, axes = plt.subplots(2, len(modes), figsize=(6.5 * len(modes), 9.5), squeeze=False)
-    backends_seen = list(dict.fromkeys(r["backend"] for r in rows))
+    series_seen = list(dict.fromkeys(r["series"] for r in rows))
     metrics = (("time_ms", "time", "median time (ms)"), ("memory_mb", "memory", "peak extra memory (MB)"))
     for col, mode in enumerate(modes):
         for row_index, (key, slope_key, ylabel) in enumerate(metrics):
             ax = axes[row_index][col]
             failures = []
-            for backend in backends_seen:
-                ok = [r for r in rows if r["mode"] == mode and r["backend"] == backend and r["status"] == OK]
-                color = COLORS.get(backend)
-                slope = slopes.get(mode, {}).get(backend, {}).get(slope_key)
-                label = backend + (f"  (slope {slope:.2f})" if slope is not None else "")
+            for label in series_seen:
+                of_series = [r for r in rows if r["mode"] == mode and r["series"] == label]
+                if not of_series:
+                    continue
+                ok = [r for r in of_series if r["status"] == OK]
+                color = COLORS.get(of_series[0]["backend"])
+                slope = slopes.get(mode, {}).get(label, {}).get(slope_key)
+                legend = label + (f"  (slope {slope:.2f})" if slope is not None else "")
                 if ok:
                     ax.plot([r["T"] for r in ok], [r[key] for r in ok], marker="o", markersize=4,
-                            linewidth=1.8, color=color, label=label)
-                failure = first_failure(rows, mode, backend)
+                            linewidth=1.8, color=color, linestyle=_line_style(of_series, settings), label=legend)
+                failure = first_failure(rows, mode, label)
                 if failure is not None:
-                    failures.append((backend, failure, color))
+                    failures.append((label, failure, color))
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlim(settings.t_values[0] / 1.3, settings.t_values[-1] * 1.3)  # room for the labels
@@ -327,10 +473,10 @@ def plot(rows: list[dict], settings: Settings, slopes: dict, title: str, path: s
             ax.set_xlabel("context length T")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{MODES[mode]}: {slope_key}", fontsize=11)
-            for i, (backend, failure, color) in enumerate(failures):
+            for i, (label, failure, color) in enumerate(failures):
                 # A dotted line where the series stops, labelled along it (left, then right of it).
                 ax.axvline(failure["T"], color=color, linestyle=":", linewidth=1.6)
-                ax.annotate(f"{backend}: {failure['status']}",
+                ax.annotate(f"{label}: {failure['status']}",
                             xy=(failure["T"], 0.03), xycoords=("data", "axes fraction"),
                             xytext=(-3 if i % 2 == 0 else 3, 0), textcoords="offset points",
                             rotation=90, ha="right" if i % 2 == 0 else "left", va="bottom",
@@ -349,13 +495,17 @@ def plot(rows: list[dict], settings: Settings, slopes: dict, title: str, path: s
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     common.add_common_arguments(parser)
+    parser.add_argument("--scenario", default="context", choices=list(SCENARIOS),
+                        help="its shapes, T range, windows and series are the defaults below (default: %(default)s)")
     parser.add_argument("--modes", default="fwd,fwdbwd", help="fwd, fwdbwd or both (default: %(default)s)")
-    parser.add_argument("--min-t", type=int, default=128, help="smallest context length, a power of two (default: %(default)s)")
-    parser.add_argument("--max-t", type=int, default=None,
-                        help="largest context length (default: 8192 on the CPU, 131072 on a GPU)")
+    parser.add_argument("--min-t", type=int, default=None, help="smallest context length, a power of two")
+    parser.add_argument("--max-t", type=int, default=None, help="largest context length")
     parser.add_argument("--batch", "-B", type=int, default=1, help="B (default: %(default)s)")
-    parser.add_argument("--heads", "-H", type=int, default=12, help="H (default: %(default)s)")
-    parser.add_argument("--head-dim", "-D", type=int, default=64, help="D (default: %(default)s)")
+    parser.add_argument("--heads", "-H", type=int, default=None, help="query heads Hq")
+    parser.add_argument("--kv-heads", type=int, default=None, help="key/value heads Hkv, a divisor of Hq")
+    parser.add_argument("--head-dim", "-D", type=int, default=None, help="D")
+    parser.add_argument("--windows", default=None,
+                        help="comma-separated sliding windows measured next to full causal attention ('' for none)")
     parser.add_argument("--no-causal", action="store_true", help="full (non-causal) attention")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed calls per point (default: adaptive, at least 3 and about --target-s seconds)")
@@ -363,13 +513,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="adaptive repeats: seconds of timed calls per point (default 0.3 CPU, 0.1 GPU)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="time budget of the sweep; points predicted not to fit are 'skipped (budget)' "
-                             "(default: 150 on the CPU, 600 on a GPU; 0: no budget)")
+                             "(default: the scenario's; 0: no budget)")
     parser.add_argument("--memory-limit-gb", type=float, default=None,
                         help="memory the naive pre-check may assume (default: what the device has available)")
     args = parser.parse_args(argv)
-    for name in ("min_t", "batch", "heads", "head_dim"):
+    scenario = SCENARIOS[args.scenario]
+    args.heads = scenario.heads if args.heads is None else args.heads
+    args.kv_heads = (scenario.kv_heads or args.heads) if args.kv_heads is None else args.kv_heads
+    args.head_dim = scenario.head_dim if args.head_dim is None else args.head_dim
+    args.min_t = scenario.min_t if args.min_t is None else args.min_t
+    for name in ("min_t", "batch", "heads", "kv_heads", "head_dim"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.heads % args.kv_heads:
+        parser.error(f"--kv-heads must divide --heads ({args.heads}), got {args.kv_heads}")
     if args.min_t & (args.min_t - 1):
         parser.error(f"--min-t must be a power of two, got {args.min_t}")
     if args.repeats is not None and args.repeats < 1:
@@ -378,22 +535,52 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not modes or any(m not in MODES for m in modes):
         parser.error(f"--modes takes a comma-separated subset of {', '.join(MODES)}, got {args.modes!r}")
     args.modes = modes
+    if args.windows is None:
+        args.windows = list(scenario.windows)
+    else:
+        try:
+            args.windows = sorted({int(w) for w in args.windows.split(",") if w.strip()})
+        except ValueError:
+            parser.error(f"--windows takes comma-separated positive integers, got {args.windows!r}")
+        if any(w < 1 for w in args.windows):
+            parser.error(f"--windows must be >= 1, got {args.windows}")
     return args
 
 
 def settings_from_args(args: argparse.Namespace, device: torch.device) -> Settings:
-    max_t = args.max_t if args.max_t is not None else DEFAULT_MAX_T[device.type]
+    scenario = SCENARIOS[args.scenario]
+    max_t = args.max_t if args.max_t is not None else scenario.max_t[device.type]
     if max_t < args.min_t:
         raise SystemExit(f"error: --max-t ({max_t}) is smaller than --min-t ({args.min_t})")
     t_values = [args.min_t * 2**i for i in range(int(math.log2(max_t // args.min_t)) + 1)]
-    budget = args.budget_s if args.budget_s is not None else DEFAULT_BUDGET_S[device.type]
+    budget = args.budget_s if args.budget_s is not None else scenario.budget_s[device.type]
     memory = (int(args.memory_limit_gb * 2**30) if args.memory_limit_gb is not None
               else common.available_memory_bytes(device))
-    return Settings(device=device, dtype=common.resolve_dtype(args.dtype, device), B=args.batch, H=args.heads,
-                    D=args.head_dim, causal=not args.no_causal, t_values=t_values, modes=args.modes,
+    return Settings(scenario=args.scenario, device=device, dtype=common.resolve_dtype(args.dtype, device),
+                    B=args.batch, H=args.heads, kv_heads=args.kv_heads, D=args.head_dim, causal=not args.no_causal,
+                    windows=args.windows, t_values=t_values, modes=args.modes,
                     repeats=args.repeats, min_repeats=3,
                     target_s=args.target_s if args.target_s is not None else (0.1 if device.type == "cuda" else 0.3),
                     budget_s=budget if budget > 0 else None, memory_limit_bytes=memory)
+
+
+def default_impls(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, AttentionFn], dict[str, str]]:
+    """fastgpt.attention per usable backend (naive only where the scenario has it, or asked
+    for by name) and flex where the scenario has it (or asked for); {name: why not} for the rest."""
+    scenario = SCENARIOS[args.scenario]
+    requested = None if args.backends is None else [n.strip() for n in args.backends.split(",") if n.strip()]
+    want_flex = scenario.with_flex if requested is None else FLEX in requested
+    candidates = [n for n in backends.NAMES if scenario.with_naive or n != "naive"]
+    names, unavailable = common.usable_backends(
+        None if requested is None else ",".join(n for n in requested if n != FLEX), device, candidates)
+    impls = {name: fastgpt_attention(name) for name in names}
+    if want_flex:
+        flex, why_not = flex_attention()
+        if flex is None:
+            unavailable[FLEX] = why_not
+        else:
+            impls[FLEX] = flex
+    return impls, unavailable
 
 
 def run(argv: Sequence[str] | None = None, impls: dict[str, AttentionFn] | None = None,
@@ -406,25 +593,26 @@ def run(argv: Sequence[str] | None = None, impls: dict[str, AttentionFn] | None 
     settings = settings_from_args(args, device)
     unavailable: dict[str, str] = {}
     if impls is None:
-        names, unavailable = common.usable_backends(args.backends, device)
-        impls = {name: fastgpt_attention(name) for name in names}
+        impls, unavailable = default_impls(args, device)
     if not impls:
         raise SystemExit("error: no backend to measure: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
     env = common.environment(device, argv, PROG)
-    stem = (args.stem or env["device_kind"]) + "_attention"
+    stem = (args.stem or env["device_kind"]) + "_attention" + ("" if args.scenario == "context" else f"_{args.scenario}")
     rows = run_sweep(settings, impls, show_progress)
     slopes = fitted_slopes(rows)
     unit, _ = _flops_unit(device)
     data = {
         "benchmark": "attention",
         "environment": env,
-        "settings": {"B": settings.B, "H": settings.H, "D": settings.D, "causal": settings.causal,
+        "settings": {"scenario": settings.scenario, "B": settings.B, "H": settings.H, "kv_heads": settings.kv_heads,
+                     "D": settings.D, "causal": settings.causal, "windows": settings.windows,
                      "dtype": common.dtype_name(settings.dtype), "t_values": settings.t_values,
                      "modes": settings.modes, "backends": list(impls), "repeats": settings.repeats or "adaptive",
                      "target_s": settings.target_s, "budget_s": settings.budget_s,
                      "memory_limit_bytes": settings.memory_limit_bytes,
                      "timer": common.timer_description(device), "memory_measure": common.MEMORY_MEASURE[device.type],
-                     "flops": "4·B·H·T²·D, halved when causal; fwd+bwd = 3.5x fwd (backward 2.5x)",
+                     "flops": ("4·B·Hq·D per visible (query, key) pair: T²/2 causal, T·W - W²/2 causal with a "
+                               "window W < T (visible_pairs); fwd+bwd = 3.5x fwd (backward 2.5x)"),
                      "flops_unit_in_tables": unit},
         "unavailable": unavailable,
         "results": rows,
@@ -432,9 +620,8 @@ def run(argv: Sequence[str] | None = None, impls: dict[str, AttentionFn] | None 
     }
     paths = common.write_outputs(args.out_dir, stem, data, markdown(data, settings, f"{stem}.png"))
     paths["png"] = paths["md"][:-3] + ".png"
-    shape = f"B={settings.B} H={settings.H} D={settings.D} {common.dtype_name(settings.dtype)}"
-    plot(rows, settings, slopes, f"{'Causal' if settings.causal else 'Full'} attention vs context length, "
-         f"{shape}: {env['device_name']}", paths["png"])
+    plot(rows, settings, slopes, f"{SCENARIOS[settings.scenario].title}, {_shape(settings)}: {env['device_name']}",
+         paths["png"])
     data["files"] = paths
     common.print_report(tables(rows, settings) + "\n\n" + slopes_table(slopes), unavailable, paths)
     return data
