@@ -242,6 +242,8 @@ def modern_config(family):
         return transformers.LlamaConfig(**COMMON), [(None, None)] * 2
     if family == "mistral":  # one window on every layer
         return transformers.MistralConfig(**COMMON, sliding_window=WINDOW), [(WINDOW, None)] * 2
+    if family == "qwen2":  # Qwen2's attention has q/k/v biases
+        return transformers.Qwen2Config(**COMMON), [(None, None)] * 2
     if family == "qwen3":  # use_sliding_window: layers from max_window_layers on slide
         if not hasattr(transformers, "Qwen3Config"):
             pytest.skip("this transformers has no Qwen3")
@@ -261,7 +263,7 @@ def modern_config(family):
     raise AssertionError(family)
 
 
-FAMILIES = ("llama", "mistral", "qwen3", "gemma2", "gemma3")
+FAMILIES = ("llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3")
 
 
 @pytest.fixture
@@ -309,7 +311,7 @@ def modern_backend(request):
     return request.param
 
 
-@pytest.mark.parametrize("pad", [None, "left"])
+@pytest.mark.parametrize("pad", [None, "left", "right"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_modern_families_match_eager_without_fallback(family, pad, modern_backend, modern_calls):
     name = "fastgpt" if modern_backend == "auto" else fastgpt.hf.register(backend=modern_backend,
