@@ -162,7 +162,7 @@ def _build_registry() -> dict[str, Backend]:
                         {"cuda": ext["cuda"]}, _extension_attention, _extension_layer_norm,
                         features=frozenset({"gqa", "window", "softcap"})),
         "triton": Backend("triton", "fused Triton kernels (fastgpt/triton)", FLOAT_DTYPES,
-                          (16, 32, 64, 128), _triton_reasons(),
+                          (16, 32, 64, 80, 96, 128, 256), _triton_reasons(),
                           refusals=(Refusal("attention", "cpu", torch.bfloat16,
                                             "Triton's CPU interpreter has no bfloat16 tl.dot (it returns wrong "
                                             "numbers): use float16 or float32 on CPU tensors, bfloat16 on a GPU"),),

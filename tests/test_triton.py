@@ -1,6 +1,7 @@
 """What is specific to the Triton backend (fastgpt/triton): its dropout stream, the tile
 split of its causal masking, its saved log-sum-exp, its operator registration, its
-autotuning key and its layer-norm weight-gradient reduction. The behaviour every backend
+autotuning key, its padded (80, 96) and wide (256) head dims and its layer-norm weight-gradient
+reduction. The behaviour every backend
 shares is tested by test_attention.py / test_layer_norm.py through the `kernel` fixture.
 
 On a CPU-only machine these run under Triton's interpreter (TRITON_INTERPRET=1, set by
@@ -15,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from checks import assert_close, make_qkv, padding_mask, tolerance
+from checks import assert_close, attention_oracle, make_qkv, padding_mask, tolerance
 from conftest import HAS_GPU, require_backend
 from fastgpt import reference
 
@@ -43,7 +44,7 @@ def with_grads(attention_fn, q, k, v, grad_out):
 
 
 def attention_and_grads(q, k, v, causal, key_padding_mask=None, dropout_p=0.0, scale=None, seed=0,
-                        naive_baseline=False):
+                        naive_baseline=False, window=0, softcap=0.0):
     """(out, dq, dk, dv) of fastgpt.triton.attention.attention, of the float64 oracle and, with
     naive_baseline, of the naive reference in q's dtype (the half-precision error baseline)."""
     import fastgpt.triton
@@ -51,11 +52,13 @@ def attention_and_grads(q, k, v, causal, key_padding_mask=None, dropout_p=0.0, s
     B, H, Tq, D = q.shape
     grad_out = torch.randn(B, H, Tq, D, generator=torch.Generator().manual_seed(7)).to(q.device, q.dtype)
     args = (causal, key_padding_mask, dropout_p, scale, seed)
-    got = with_grads(lambda *qkv: fastgpt.triton.attention.attention(*qkv, *args), q, k, v, grad_out)
-    oracle = with_grads(lambda *qkv: reference.attention(*qkv, *args), q.double(), k.double(), v.double(), grad_out)
+    got = with_grads(lambda *qkv: fastgpt.triton.attention.attention(*qkv, *args, window, softcap), q, k, v, grad_out)
+    options = dict(window=window or None, softcap=softcap or None)  # the oracle's "none" is None
+    oracle = with_grads(lambda *qkv: attention_oracle(*qkv, *args, **options)[0], q.double(), k.double(), v.double(),
+                        grad_out)
     if not naive_baseline:
         return got, oracle
-    return got, oracle, with_grads(lambda *qkv: reference.attention(*qkv, *args), q, k, v, grad_out)
+    return got, oracle, with_grads(lambda *qkv: attention_oracle(*qkv, *args, **options)[1], q, k, v, grad_out)
 
 
 def assert_all_close(got, oracle, baseline=None):
@@ -116,8 +119,8 @@ def forced_configs(request, kernels, monkeypatch):
                   triton_attention._attention_bwd_dq_kernel)
     if request.param is None:
         return [tuner.configs[0] for tuner in autotuners]
-    chosen = [configs[request.param] for configs in (triton_attention.FWD_CONFIGS, triton_attention.DKDV_CONFIGS,
-                                                     triton_attention.DQ_CONFIGS)]
+    chosen = [configs[128][request.param] for configs in (triton_attention.FWD_CONFIGS,
+                                                          triton_attention.DKDV_CONFIGS, triton_attention.DQ_CONFIGS)]
     for tuner, config in zip(autotuners, chosen):
         monkeypatch.setattr(tuner, "configs", [config])
     return chosen
@@ -139,6 +142,52 @@ def test_tile_split_at_block_boundaries(device, forced_configs, causal, shape):
             assert_all_close(got, oracle)
         except AssertionError as error:
             raise AssertionError(f"Tq={Tq}, Tk={Tk}: {error}") from None
+
+
+# ----------------------------------------------------------------------------- head dims
+
+# Small odd shapes that cross tile boundaries, each with a mix of today's features:
+# (causal, Hq, Hkv, Tq, Tk, key padding, dropout_p, window, softcap).
+HEAD_DIM_CASES = {
+    "causal-gqa-padded-decode": (True, 4, 2, 19, 37, True, 0.0, 0, 0.0),
+    "causal-mqa-window-softcap": (True, 3, 1, 29, 29, False, 0.0, 7, 5.0),
+    "full-gqa-padded-dropout": (False, 4, 2, 23, 41, True, 0.2, 0, 0.0),
+    "full-window-softcap-padded": (False, 2, 2, 33, 33, True, 0.0, 9, 3.0),
+}
+
+
+def nan_padded(t, extra=48):
+    """t as a view into a wider tensor whose `extra` trailing columns are NaN: a kernel that read
+    past the head dim (a missing column mask) would bring NaN into its dot products."""
+    wide = torch.full((*t.shape[:-1], t.shape[-1] + extra), float("nan"), dtype=t.dtype, device=t.device)
+    wide[..., :t.shape[-1]] = t
+    return wide[..., :t.shape[-1]]
+
+
+@pytest.mark.parametrize("case", list(HEAD_DIM_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("D", [80, 96, 256])
+def test_padded_and_wide_head_dims_match_the_oracle(device, D, dtype, case):
+    # 80 and 96 run in a 128-wide tile whose extra columns are masked off; 256 has its own tiles.
+    # q, k, v are views into wider, NaN-padded rows (and k, v into wider head stacks), so every
+    # load goes by strides and one that is not masked to the head dim makes the results NaN.
+    causal, Hq, Hkv, Tq, Tk, masked, dropout_p, window, softcap = HEAD_DIM_CASES[case]
+    q, k, v = (nan_padded(t) for t in make_qkv(2, Hq, Tq, Tk, D, dtype=dtype, device=device, generator_seed=D))
+    k, v = k[:, :Hkv], v[:, :Hkv]
+    mask = padding_mask(2, Tk, device=device) if masked else None  # batch 0 sees no key at all
+    got, oracle, naive = attention_and_grads(q, k, v, causal, mask, dropout_p, seed=31, naive_baseline=True,
+                                             window=window, softcap=softcap)
+    assert got[0].shape == q.shape and got[2].shape == k.shape
+    assert_all_close(got, oracle, naive)
+
+
+@pytest.mark.parametrize("D", [48, 512])
+def test_unsupported_head_dims_get_the_clear_error(device, D):
+    import fastgpt
+    q, k, v = make_qkv(1, 1, 8, 8, D, device=device)
+    with pytest.raises((ValueError, RuntimeError),
+                       match=rf"head dim must be 16, 32, 64, 80, 96, 128 or 256, got {D}"):
+        fastgpt.attention(q, k, v, backend="triton")
 
 
 # ----------------------------------------------------------------------------- log-sum-exp
@@ -218,7 +267,8 @@ def test_ops_check_their_own_preconditions(device, kernels):
     # fastgpt.ops validates the public API; the registered ops can be called directly too.
     triton_attention, triton_layer_norm, _ = kernels
     q, k, v = make_qkv(1, 1, 8, 8, 24, device=device)
-    with pytest.raises(RuntimeError, match=r"fastgpt::triton_attention_fwd: head dim must be 16, 32, 64 or 128, got 24"):
+    with pytest.raises(RuntimeError, match=r"fastgpt::triton_attention_fwd: head dim must be 16, 32, 64, 80, 96, "
+                                           r"128 or 256, got 24"):
         triton_attention.attention_fwd(q, k, v, None, True, 0.2, 0.0, 0, 0, 0.0)
     q, k, v = make_qkv(1, 1, 8, 8, 16, device=device)
     with pytest.raises(RuntimeError, match=r"key_padding_mask must be bool \(B, Tk\) = \(1, 8\), got torch.bool \(1, 7\)"):
@@ -273,17 +323,25 @@ def test_autotune_key_buckets_lengths(kernels):
     if launch.INTERPRET:  # one config each: the interpreter must not time candidates
         assert triton_attention._attention_fwd_kernel.configs == [triton_attention.FWD_INTERPRETER_CONFIG]
     else:
-        assert triton_attention._attention_fwd_kernel.configs == triton_attention.FWD_CONFIGS
+        assert triton_attention._attention_fwd_kernel.configs == [*triton_attention.FWD_CONFIGS[128],
+                                                                  *triton_attention.FWD_CONFIGS[256]]
 
 
 def test_autotune_candidates_are_pruned_to_the_lengths(kernels):
     triton_attention, triton_layer_norm, _ = kernels
-    decode = triton_attention._prune_to_lengths(triton_attention.FWD_CONFIGS, {}, Q_BUCKET=16, K_BUCKET=1024)
-    assert decode and all(c.kwargs["BLOCK_M"] == 16 for c in decode)
-    long = triton_attention._prune_to_lengths(triton_attention.FWD_CONFIGS, {}, Q_BUCKET=4096, K_BUCKET=4096)
-    assert long == triton_attention.FWD_CONFIGS
-    tiny = triton_attention._prune_to_lengths(triton_attention.DQ_CONFIGS, {}, Q_BUCKET=16, K_BUCKET=16)
-    assert len(tiny) == 1  # nothing fits: the smallest tile
+    for by_head_dim in (triton_attention.FWD_CONFIGS, triton_attention.DKDV_CONFIGS, triton_attention.DQ_CONFIGS):
+        prune = triton_attention._pruner(by_head_dim)
+        every = [*by_head_dim[128], *by_head_dim[256]]
+        for D, padded in ((16, 128), (80, 128), (96, 128), (128, 128), (256, 256)):  # 80, 96 run 128 wide
+            decode = prune(every, {}, Q_BUCKET=16, K_BUCKET=1024, HEAD_DIM=D)
+            assert decode and all(c.kwargs["BLOCK_M"] == 16 and any(c is w for w in by_head_dim[padded])
+                                  for c in decode)
+            long = prune(every, {}, Q_BUCKET=4096, K_BUCKET=4096, HEAD_DIM=D)
+            assert [id(c) for c in long] == [id(c) for c in by_head_dim[padded]]
+    tiny = triton_attention._pruner(triton_attention.DQ_CONFIGS)(
+        [*triton_attention.DQ_CONFIGS[128], *triton_attention.DQ_CONFIGS[256]], {}, Q_BUCKET=16, K_BUCKET=16,
+        HEAD_DIM=64)
+    assert len(tiny) == 1 and tiny[0] is triton_attention.DQ_CONFIGS[128][-1]  # nothing fits: the smallest tile
     wide = triton_layer_norm._prune_to_width(triton_layer_norm.FWD_CONFIGS, {"BLOCK_C": 8192})
     assert wide and all(c.kwargs["BLOCK_R"] == 1 for c in wide)
     gpt2_xl = triton_layer_norm._prune_to_width(triton_layer_norm.BWD_CONFIGS, {}, BLOCK_C=2048)  # C = 1600
@@ -346,8 +404,10 @@ def test_layer_norm_weight_grads_with_a_short_last_group(device, kernels, dtype,
 # ----------------------------------------------------------------------------- GPU code generation
 
 HOPPER_COMPILE_SCRIPT = textwrap.dedent("""
-    # Compiles every kernel for sm_90 with Triton's own compiler: no GPU needed.
+    # Compiles kernels for sm_90 with Triton's own compiler: no GPU needed. argv[1] is "kernels"
+    # (every kernel, head dim 64 / 32) or a head dim (the attention kernels at that head dim).
     import sys
+    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
     from triton.runtime.autotuner import Autotuner
@@ -358,9 +418,12 @@ HOPPER_COMPILE_SCRIPT = textwrap.dedent("""
                     "stride_xc", "stride_dyc", "stride_w", "stride_b")
     FLOATS = ("qk_scale", "sm_scale", "dropout_p", "keep_scale", "eps", "softcap")
     FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "mean_ptr", "rstd_ptr", "dw_partial_ptr", "db_partial_ptr")
+    SM90_SHARED_MEMORY = 227 * 1024  # the most one block may opt in to; Triton refuses bigger kernels at launch
 
-    def build(kernel, dtype, constexprs, num_warps, num_stages):
-        config = kernel.configs[0] if isinstance(kernel, Autotuner) else None
+    def build(kernel, dtype, constexprs, num_warps, num_stages, config=None):
+        # config: the autotuned kernel's candidate to build (default its first).
+        if isinstance(kernel, Autotuner):
+            config = config or kernel.configs[0]
         fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
         constexprs = {**constexprs, **(config.kwargs if config else {}),
                       **{name: 1 for name in UNIT_STRIDES if name in fn.arg_names}}
@@ -371,31 +434,62 @@ HOPPER_COMPILE_SCRIPT = textwrap.dedent("""
                    "num_stages": config.num_stages if config else num_stages}
         compiled = compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
         assert compiled.asm["cubin"], fn.__name__
+        assert compiled.metadata.shared <= SM90_SHARED_MEMORY, (fn.__name__, dtype, constexprs, config,
+                                                                compiled.metadata.shared)
 
-    plain = dict(HEAD_DIM=64, CAUSAL=True, HAS_KPM=False, kpm_ptr=None, HAS_DROPOUT=False, DOT_PRECISION="tf32",
+    def head_dim(D):
+        return dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D))  # the kernels' padded tile width
+
+    ATTENTION = ((fa._attention_fwd_kernel, fa.FWD_CONFIGS, {}),
+                 (fa._attention_bwd_dkdv_kernel, fa.DKDV_CONFIGS, dict(DQ_PASS=False)),
+                 (fa._attention_bwd_dq_kernel, fa.DQ_CONFIGS, dict(DQ_PASS=True)))
+    plain = dict(**head_dim(64), CAUSAL=True, HAS_KPM=False, kpm_ptr=None, HAS_DROPOUT=False, DOT_PRECISION="tf32",
                  SOFTCAP=False, WINDOW=False)
     # GQA (KV_GROUP is a runtime int), sliding window and softcap together with mask and dropout.
-    every_feature = dict(HEAD_DIM=32, CAUSAL=True, HAS_KPM=True, HAS_DROPOUT=True, DOT_PRECISION="ieee",
+    every_feature = dict(**head_dim(32), CAUSAL=True, HAS_KPM=True, HAS_DROPOUT=True, DOT_PRECISION="ieee",
                          SOFTCAP=True, WINDOW=True)
-    for kernel, pass_ in ((fa._attention_fwd_kernel, {}), (fa._attention_bwd_dkdv_kernel, dict(DQ_PASS=False)),
-                          (fa._attention_bwd_dq_kernel, dict(DQ_PASS=True))):
-        build(kernel, "bf16", {**plain, **pass_}, 4, 3)  # a GPT's call: no mask, no dropout
-        build(kernel, "fp32", {**every_feature, **pass_}, 4, 3)
-        build(kernel, "bf16", {**plain, **pass_, "CAUSAL": False, "SOFTCAP": True, "WINDOW": True}, 4, 3)
-    build(fa._attention_bwd_delta_kernel, "bf16", dict(HEAD_DIM=64, BLOCK_M=fa.DELTA_BLOCK_M), 4, 1)
-    build(ln._layer_norm_fwd_kernel, "bf16", dict(BLOCK_C=1024), 4, 1)
-    build(ln._layer_norm_bwd_kernel, "bf16", dict(BLOCK_C=1024), 4, 1)
-    build(ln._sum_groups_kernel, "bf16", dict(BLOCK_G=ln.SUM_BLOCK_G, BLOCK_C=ln.SUM_BLOCK_C), 4, 1)
+    if sys.argv[1] == "kernels":
+        for kernel, _, pass_ in ATTENTION:
+            build(kernel, "bf16", {**plain, **pass_}, 4, 3)  # a GPT's call: no mask, no dropout
+            build(kernel, "fp32", {**every_feature, **pass_}, 4, 3)
+            build(kernel, "bf16", {**plain, **pass_, "CAUSAL": False, "SOFTCAP": True, "WINDOW": True}, 4, 3)
+        build(fa._attention_bwd_delta_kernel, "bf16", dict(**head_dim(64), BLOCK_M=fa.DELTA_BLOCK_M), 4, 1)
+        build(ln._layer_norm_fwd_kernel, "bf16", dict(BLOCK_C=1024), 4, 1)
+        build(ln._layer_norm_bwd_kernel, "bf16", dict(BLOCK_C=1024), 4, 1)
+        build(ln._sum_groups_kernel, "bf16", dict(BLOCK_G=ln.SUM_BLOCK_G, BLOCK_C=ln.SUM_BLOCK_C), 4, 1)
+    else:
+        D = int(sys.argv[1])
+        for kernel, configs_by_head_dim, pass_ in ATTENTION:
+            candidates = fa._head_dim_tiles(configs_by_head_dim, D)
+            # Head dims past 128 get their own candidates: each must fit (bf16 and fp16 tiles take the
+            # same bytes); the others share those of 128, which compile at 64 and 128 elsewhere.
+            for config in candidates if D > 128 else candidates[:1]:
+                build(kernel, "bf16", {**plain, **pass_, **head_dim(D)}, 0, 0, config)
+            build(kernel, "fp16", {**every_feature, **pass_, **head_dim(D), "DOT_PRECISION": "tf32"}, 0, 0,
+                  candidates[0])
+        build(fa._attention_bwd_delta_kernel, "fp16", dict(**head_dim(D), BLOCK_M=fa.DELTA_BLOCK_M), 4, 1)
     print("compiled")
 """)
 
 
-def test_kernels_compile_for_hopper():
-    # The interpreter accepts code that the GPU compiler may not, and has no bfloat16 tl.dot:
-    # compile the bfloat16 kernels for sm_90 ahead of time, in a process without
-    # TRITON_INTERPRET so that @triton.jit builds real kernels.
+def compile_for_hopper(what):
+    """Runs HOPPER_COMPILE_SCRIPT for `what` in a process without TRITON_INTERPRET, so that
+    @triton.jit builds real kernels."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE_SCRIPT], cwd=root, env=env,
+    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE_SCRIPT, what], cwd=root, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_kernels_compile_for_hopper():
+    # The interpreter accepts code that the GPU compiler may not, and has no bfloat16 tl.dot:
+    # compile the bfloat16 kernels for sm_90 ahead of time.
+    compile_for_hopper("kernels")
+
+
+@pytest.mark.parametrize("D", [80, 96, 256])
+def test_head_dims_compile_for_hopper(D):
+    # 80 and 96: the masked 128-wide tiles, in bfloat16 and float16 (with every feature); 256: every
+    # candidate config, whose shared memory must fit sm_90.
+    compile_for_hopper(str(D))

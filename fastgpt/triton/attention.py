@@ -40,18 +40,36 @@ Dropout keeps P[b, h, i, j] iff tl.rand(seed | (b·H + h) << 32, i·Tk + j) >= d
 fastgpt.reference.dropout_keep_mask draw the same bits) and scales kept weights by
 1 / (1 - dropout_p). The backward kernels regenerate the mask; nothing is stored.
 
+Head dims (declared with the `triton` backend in fastgpt/backends.py): tl.arange and tl.dot need
+power-of-two tile sides of at least 16, so the head dim D runs in a BLOCK_D = next_power_of_2(D)
+wide tile (80 and 96 in 128) and every load and store of a (.., D) tensor is masked to the first D
+columns: the zero-filled columns add nothing to q·k, and give output / gradient columns that are
+zero and never stored.
+
+Offsets: a tile's first row is widened to int64 before it multiplies a stride (`_advance`), since
+T · stride passes 2^31 on long sequences (T · H · D of a (B, T, H, D) view, or B · H · T · D of
+the contiguous outputs); the offsets inside a tile (at most 128 rows) stay int32.
+
 Autotuning (see fastgpt/triton/_launch.py): every kernel is keyed on
 (length bucket of Tq, length bucket of Tk, head dim, causal) plus the dtypes, which
-Triton adds itself. GPU candidates (BLOCK_M, BLOCK_N, num_warps, num_stages), pruned
-to tiles no larger than the bucketed lengths (so decoding with Tq = 1 uses BLOCK_M 16):
+Triton adds itself. GPU candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head dim,
+pruned to tiles no larger than the bucketed lengths (so decoding with Tq = 1 uses BLOCK_M 16).
+With BLOCK_D = 256 the q, k, v tiles and the float32 accumulators (acc, dK and dV, dQ: one row of
+256 per tile row) are twice as wide: smaller tiles, 8 warps for the big ones and 2 pipeline stages
+keep the registers and the shared memory in bounds (sm_90 allows 227 KB; these need at most 96 KB
+forward, 129 KB dK/dV, 160 KB dQ; tests/test_triton.py compiles every one of them for sm_90).
+  BLOCK_D <= 128
   forward         (128, 64, 4, 3) (128, 64, 8, 3) (128, 128, 8, 3) (64, 64, 4, 3) (16, 64, 4, 3)
   backward dK/dV  (32, 128, 4, 3) (32, 128, 8, 2) (64, 128, 8, 3) (32, 64, 4, 3) (16, 64, 4, 2)
   backward dQ     (128, 32, 4, 3) (128, 64, 8, 3) (64, 64, 4, 3) (64, 32, 4, 2) (16, 64, 4, 2)
+  BLOCK_D = 256
+  forward         (128, 64, 8, 2) (128, 32, 8, 2) (64, 64, 4, 2) (64, 32, 4, 3) (16, 64, 4, 2)
+  backward dK/dV  (32, 64, 8, 2) (64, 64, 8, 2) (32, 32, 4, 2) (16, 64, 4, 2) (16, 32, 4, 2)
+  backward dQ     (128, 32, 8, 2) (64, 64, 8, 2) (64, 32, 4, 2) (32, 32, 4, 2) (16, 32, 4, 2)
 Under TRITON_INTERPRET=1 (CPU tests) one config each: forward and dQ (32, 16), dK/dV (16, 32).
 
-The head dims and dtypes it takes are declared with the `triton` backend in fastgpt/backends.py
-(tl.dot needs power-of-two head dims of at least 16); float32 matmuls run in IEEE precision,
-not TF32, to stay within float32 tolerances. Inputs may have any strides; outputs are contiguous.
+Float32 matmuls run in IEEE precision, not TF32, to stay within float32 tolerances. Inputs may
+have any strides; outputs are contiguous.
 """
 import math
 from typing import Optional
@@ -71,23 +89,57 @@ MAX_GRID_Y = 65535  # CUDA's limit on the second grid dimension, which holds B *
 TUNING_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL"]
 
 
-def _prune_to_lengths(configs, named_args, **kwargs):
-    """Drop tiles larger than the bucketed sequence lengths (keep the smallest if none fits)."""
-    args = {**named_args, **kwargs}
-    fitting = [c for c in configs
-               if c.kwargs["BLOCK_M"] <= args["Q_BUCKET"] and c.kwargs["BLOCK_N"] <= args["K_BUCKET"]]
-    return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+def _head_dim_tiles(configs_by_head_dim, head_dim):
+    """The candidates for head_dim: those of the smallest padded head dim that holds it."""
+    return configs_by_head_dim[min(d for d in configs_by_head_dim if head_dim <= d)]
 
 
-FWD_CONFIGS = [config(4, 3, BLOCK_M=128, BLOCK_N=64), config(8, 3, BLOCK_M=128, BLOCK_N=64),
-               config(8, 3, BLOCK_M=128, BLOCK_N=128), config(4, 3, BLOCK_M=64, BLOCK_N=64),
-               config(4, 3, BLOCK_M=16, BLOCK_N=64)]
-DKDV_CONFIGS = [config(4, 3, BLOCK_M=32, BLOCK_N=128), config(8, 2, BLOCK_M=32, BLOCK_N=128),
-                config(8, 3, BLOCK_M=64, BLOCK_N=128), config(4, 3, BLOCK_M=32, BLOCK_N=64),
-                config(4, 2, BLOCK_M=16, BLOCK_N=64)]
-DQ_CONFIGS = [config(4, 3, BLOCK_M=128, BLOCK_N=32), config(8, 3, BLOCK_M=128, BLOCK_N=64),
-              config(4, 3, BLOCK_M=64, BLOCK_N=64), config(4, 2, BLOCK_M=64, BLOCK_N=32),
-              config(4, 2, BLOCK_M=16, BLOCK_N=64)]
+def _pruner(configs_by_head_dim):
+    """early_config_prune over configs_by_head_dim (padded head dim -> candidates): keep the call's
+    head dim's candidates with tiles no larger than the bucketed sequence lengths (the smallest
+    tile if none fits)."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        wanted = _head_dim_tiles(configs_by_head_dim, args["HEAD_DIM"])
+        # By identity: a config may appear in two head dims' lists (equal Configs compare equal).
+        for_head_dim = [c for c in configs if any(c is w for w in wanted)]
+        fitting = [c for c in for_head_dim
+                   if c.kwargs["BLOCK_M"] <= args["Q_BUCKET"] and c.kwargs["BLOCK_N"] <= args["K_BUCKET"]]
+        return fitting or [min(for_head_dim, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return prune
+
+
+def _autotune(configs_by_head_dim, interpreter_config):
+    """_launch.autotune over the candidates of every head dim, pruned per call to the call's own."""
+    every = [c for configs in configs_by_head_dim.values() for c in configs]
+    return _launch.autotune(every, interpreter_config, key=TUNING_KEY, prune=_pruner(configs_by_head_dim))
+
+
+# Candidates per padded head dim (BLOCK_D); the header lists them and says why 256 has its own.
+FWD_CONFIGS = {
+    128: [config(4, 3, BLOCK_M=128, BLOCK_N=64), config(8, 3, BLOCK_M=128, BLOCK_N=64),
+          config(8, 3, BLOCK_M=128, BLOCK_N=128), config(4, 3, BLOCK_M=64, BLOCK_N=64),
+          config(4, 3, BLOCK_M=16, BLOCK_N=64)],
+    256: [config(8, 2, BLOCK_M=128, BLOCK_N=64), config(8, 2, BLOCK_M=128, BLOCK_N=32),
+          config(4, 2, BLOCK_M=64, BLOCK_N=64), config(4, 3, BLOCK_M=64, BLOCK_N=32),
+          config(4, 2, BLOCK_M=16, BLOCK_N=64)],
+}
+DKDV_CONFIGS = {
+    128: [config(4, 3, BLOCK_M=32, BLOCK_N=128), config(8, 2, BLOCK_M=32, BLOCK_N=128),
+          config(8, 3, BLOCK_M=64, BLOCK_N=128), config(4, 3, BLOCK_M=32, BLOCK_N=64),
+          config(4, 2, BLOCK_M=16, BLOCK_N=64)],
+    256: [config(8, 2, BLOCK_M=32, BLOCK_N=64), config(8, 2, BLOCK_M=64, BLOCK_N=64),
+          config(4, 2, BLOCK_M=32, BLOCK_N=32), config(4, 2, BLOCK_M=16, BLOCK_N=64),
+          config(4, 2, BLOCK_M=16, BLOCK_N=32)],
+}
+DQ_CONFIGS = {
+    128: [config(4, 3, BLOCK_M=128, BLOCK_N=32), config(8, 3, BLOCK_M=128, BLOCK_N=64),
+          config(4, 3, BLOCK_M=64, BLOCK_N=64), config(4, 2, BLOCK_M=64, BLOCK_N=32),
+          config(4, 2, BLOCK_M=16, BLOCK_N=64)],
+    256: [config(8, 2, BLOCK_M=128, BLOCK_N=32), config(8, 2, BLOCK_M=64, BLOCK_N=64),
+          config(4, 2, BLOCK_M=64, BLOCK_N=32), config(4, 2, BLOCK_M=32, BLOCK_N=32),
+          config(4, 2, BLOCK_M=16, BLOCK_N=32)],
+}
 FWD_INTERPRETER_CONFIG = config(1, 1, BLOCK_M=32, BLOCK_N=16)
 DKDV_INTERPRETER_CONFIG = config(1, 1, BLOCK_M=16, BLOCK_N=32)
 DQ_INTERPRETER_CONFIG = config(1, 1, BLOCK_M=32, BLOCK_N=16)
@@ -206,6 +258,12 @@ def _philox_key(seed, bh):
 
 
 @triton.jit
+def _advance(base, start, stride):
+    """base + start * stride with the product in int64: the first row of a tile (see the header)."""
+    return base + tl.cast(start, tl.int64) * stride
+
+
+@triton.jit
 def _load_lse2(lse_row, offs_m, Tq):
     """(BLOCK_M,) saved lse in log2 units; rows past Tq read +inf (probabilities exp2(s - inf) = 0).
     A row with no visible key has lse = -inf and exp2(s - lse) = +inf, but all of its entries
@@ -218,16 +276,17 @@ def _load_lse2(lse_row, offs_m, Tq):
 @triton.jit
 def _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
                          stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                         offs_m, offs_d, lo, hi, Tq, Tk, qk_scale, dropout_p, seed64, softcap,
+                         offs_m, offs_d, d_ok, lo, hi, Tq, Tk, qk_scale, dropout_p, seed64, softcap,
                          CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                          MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                          SOFTCAP: tl.constexpr, window, WINDOW: tl.constexpr):
     """Folds key tiles [lo, hi) into the online-softmax state (acc, m_i, l_i) of one query tile."""
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        tile_n = tl.arange(0, BLOCK_N)
+        offs_n = start_n + tile_n
         key_ok = offs_n < Tk  # all true in unmasked tiles; the load mask costs next to nothing
-        k_t = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-                      mask=key_ok[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N)
+        k_t = tl.load(_advance(k_base, start_n, stride_kn) + offs_d[:, None] * stride_kd + tile_n[None, :] * stride_kn,
+                      mask=d_ok[:, None] & key_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if SOFTCAP:  # Gemma 2: natural score -> c * tanh(score / c), back in log2 units
             s = _tanh(s * (LN2 / softcap)) * (softcap * LOG2E)
@@ -246,14 +305,14 @@ def _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
             p = tl.where(_dropout_keep(seed64, offs_m[:, None], offs_n[None, :], Tk, dropout_p), p, 0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=key_ok[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+        v = tl.load(_advance(v_base, start_n, stride_vn) + tile_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
 
-@_launch.autotune(FWD_CONFIGS, FWD_INTERPRETER_CONFIG, key=TUNING_KEY, prune=_prune_to_lengths)
+@_autotune(FWD_CONFIGS, FWD_INTERPRETER_CONFIG)
 @triton.jit
 def _attention_fwd_kernel(
         q_ptr, k_ptr, v_ptr, kpm_ptr, out_ptr, lse_ptr,
@@ -262,8 +321,9 @@ def _attention_fwd_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_kpmb, stride_kpmn,
         H, KV_GROUP, Tq, Tk, qk_scale, dropout_p, keep_scale, seed, softcap, window, Q_BUCKET, K_BUCKET,
-        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # q (B, H, Tq, D), k, v (B, H // KV_GROUP, Tk, D) any strides (query head h reads kv head
     # h // KV_GROUP: GQA / MQA, never repeated in memory); kpm uint8 (B, Tk) or None;
     # out (B, H, Tq, D) and lse (B, H, Tq) float32, contiguous. Grid (cdiv(Tq, BLOCK_M), B * H).
@@ -272,38 +332,43 @@ def _attention_fwd_kernel(
     h = (bh % H).to(tl.int64)
     # Under causal masking the last query tiles have the most keys: launch them first.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    tile_m = tl.arange(0, BLOCK_M)
+    offs_m = start_m + tile_m
     hk = h // KV_GROUP
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) columns, the first HEAD_DIM of them real
+    d_ok = offs_d < HEAD_DIM
+    row0 = bh.to(tl.int64) * Tq  # the head's first row in the contiguous (B * H * Tq) rows of out, lse
     q_base = q_ptr + b * stride_qb + h * stride_qh
     k_base = k_ptr + b * stride_kb + hk * stride_kh
     v_base = v_ptr + b * stride_vb + hk * stride_vh
     kpm_row = kpm_ptr + b * stride_kpmb if HAS_KPM else kpm_ptr
     seed64 = _philox_key(seed, bh)
 
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m < Tq)[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+    row_ok = offs_m < Tq
+    q = tl.load(_advance(q_base, start_m, stride_qm) + tile_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     key_lo, full_end, end = _key_tile_ranges(start_m, Tq, Tk, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
                                          stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                                         offs_m, offs_d, key_lo, full_end, Tq, Tk, qk_scale, dropout_p, seed64, softcap,
+                                         offs_m, offs_d, d_ok, key_lo, full_end, Tq, Tk,
+                                         qk_scale, dropout_p, seed64, softcap,
                                          CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_N, SOFTCAP, window, WINDOW)
     acc, m_i, l_i = _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
                                          stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                                         offs_m, offs_d, full_end, end, Tq, Tk, qk_scale, dropout_p, seed64, softcap,
+                                         offs_m, offs_d, d_ok, full_end, end, Tq, Tk,
+                                         qk_scale, dropout_p, seed64, softcap,
                                          CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_N, SOFTCAP, window, WINDOW)
 
     has_key = l_i > 0.0  # l_i >= 1 once a row has seen a visible key (its maximum adds exp2(0))
     l_safe = tl.where(has_key, l_i, 1.0)  # no 1/0 or log(0) even in the discarded where branch
     out = acc * tl.where(has_key, keep_scale / l_safe, 0.0)[:, None]
     lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
-    row_ok = offs_m < Tq
-    tl.store(out_ptr + (bh * Tq + offs_m)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(lse_ptr + bh * Tq + offs_m, lse, mask=row_ok)
+    tl.store(_advance(out_ptr, row0 + start_m, HEAD_DIM) + tile_m[:, None] * HEAD_DIM + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + row0 + offs_m, lse, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -312,37 +377,43 @@ def _attention_fwd_kernel(
 def _attention_bwd_delta_kernel(out_ptr, do_ptr, delta_ptr,
                                 stride_ob, stride_oh, stride_om, stride_od,
                                 stride_dob, stride_doh, stride_dom, stride_dod,
-                                H, Tq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+                                H, Tq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     # out, do (B, H, Tq, D) any strides -> delta (B, H, Tq) float32. Grid (cdiv(Tq, BLOCK_M), B * H).
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = (offs_m < Tq)[:, None]
-    out = tl.load(out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                  mask=row_ok, other=0.0).to(tl.float32)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + bh * Tq + offs_m, tl.sum(out * do, 1), mask=offs_m < Tq)
+    start_m = tl.program_id(0) * BLOCK_M
+    tile_m = tl.arange(0, BLOCK_M)
+    offs_m = start_m + tile_m
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m < Tq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    out_rows = _advance(out_ptr + b * stride_ob + h * stride_oh, start_m, stride_om)
+    do_rows = _advance(do_ptr + b * stride_dob + h * stride_doh, start_m, stride_dom)
+    out = tl.load(out_rows + tile_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                  mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(do_rows + tile_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=ok, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + bh.to(tl.int64) * Tq + offs_m, tl.sum(out * do, 1), mask=offs_m < Tq)
 
 
 @triton.jit
 def _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, kpm_row,
                               stride_qm, stride_qd, stride_dom, stride_dod, stride_kpmn,
-                              offs_n, offs_d, lo, hi, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64, softcap,
+                              offs_n, offs_d, d_ok, lo, hi, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64, softcap,
                               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                               MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                               SOFTCAP: tl.constexpr, window, WINDOW: tl.constexpr):
-    """Accumulates dK, dV (BLOCK_N, HEAD_DIM) of one key tile over query tiles [lo, hi).
+    """Accumulates dK, dV (BLOCK_N, BLOCK_D) of one key tile over query tiles [lo, hi).
     Works in the transposed (key, query) orientation so that no (BLOCK_N, BLOCK_M) tile is transposed."""
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        tile_m = tl.arange(0, BLOCK_M)
+        offs_m = start_m + tile_m
         row_ok = offs_m < Tq
-        q_t = tl.load(q_base + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm,
-                      mask=row_ok[None, :], other=0.0)  # (HEAD_DIM, BLOCK_M)
-        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                     mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+        q_t = tl.load(_advance(q_base, start_m, stride_qm) + offs_d[:, None] * stride_qd + tile_m[None, :] * stride_qm,
+                      mask=d_ok[:, None] & row_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_M)
+        do = tl.load(_advance(do_base, start_m, stride_dom) + tile_m[:, None] * stride_dom
+                     + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
         lse2 = _load_lse2(lse_row, offs_m, Tq)  # (BLOCK_M,)
         delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
         s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
@@ -373,18 +444,19 @@ def _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row,
 @triton.jit
 def _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
                             stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                            offs_m, offs_d, lo, hi, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64, softcap,
+                            offs_m, offs_d, d_ok, lo, hi, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64, softcap,
                             CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                             MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                             SOFTCAP: tl.constexpr, window, WINDOW: tl.constexpr):
-    """Accumulates dQ (BLOCK_M, HEAD_DIM) of one query tile over key tiles [lo, hi)."""
+    """Accumulates dQ (BLOCK_M, BLOCK_D) of one query tile over key tiles [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = (offs_n < Tk)[None, :]
-        k_t = tl.load(k_base + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-                      mask=key_ok, other=0.0)  # (HEAD_DIM, BLOCK_N)
-        v_t = tl.load(v_base + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn,
-                      mask=key_ok, other=0.0)  # (HEAD_DIM, BLOCK_N)
+        tile_n = tl.arange(0, BLOCK_N)
+        offs_n = start_n + tile_n
+        ok = d_ok[:, None] & (offs_n < Tk)[None, :]
+        k_t = tl.load(_advance(k_base, start_n, stride_kn) + offs_d[:, None] * stride_kd + tile_n[None, :] * stride_kn,
+                      mask=ok, other=0.0)  # (BLOCK_D, BLOCK_N)
+        v_t = tl.load(_advance(v_base, start_n, stride_vn) + offs_d[:, None] * stride_vd + tile_n[None, :] * stride_vn,
+                      mask=ok, other=0.0)  # (BLOCK_D, BLOCK_N)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if SOFTCAP:
             cap = _tanh(s * (LN2 / softcap))
@@ -418,8 +490,9 @@ def _attention_bwd_kernel(
         stride_kpmb, stride_kpmn,
         stride_dob, stride_doh, stride_dom, stride_dod,
         H, KV_GROUP, Tq, Tk, sm_scale, qk_scale, dropout_p, keep_scale, seed, softcap, window, Q_BUCKET, K_BUCKET,
-        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-        SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+        HAS_DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DQ_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # q, do (B, H, Tq, D), k, v (B, H, Tk, D) any strides; lse, delta (B, H, Tq) float32;
     # dq (B, H, Tq, D), dk, dv (B, H, Tk, D) contiguous. The two passes share this signature and
     # the per-head prologue; each writes only its own outputs:
@@ -427,7 +500,8 @@ def _attention_bwd_kernel(
     #                  the KV_GROUP query heads that read it. Grid (cdiv(Tk, BLOCK_N), B * H // KV_GROUP).
     #   DQ_PASS True:  a program owns a query tile, accumulates its dQ.   Grid (cdiv(Tq, BLOCK_M), B * H).
     # k, v, dk, dv have H // KV_GROUP heads (GQA / MQA; KV_GROUP = 1 is plain multi-head attention).
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) columns, the first HEAD_DIM of them real
+    d_ok = offs_d < HEAD_DIM
     kpm_ptr_ = kpm_ptr
     if DQ_PASS:
         bh = tl.program_id(1)
@@ -438,31 +512,37 @@ def _attention_bwd_kernel(
         k_base = k_ptr + b * stride_kb + hk * stride_kh
         v_base = v_ptr + b * stride_vb + hk * stride_vh
         do_base = do_ptr + b * stride_dob + h * stride_doh
-        lse_row = lse_ptr + bh * Tq
-        delta_row = delta_ptr + bh * Tq
+        row0 = bh.to(tl.int64) * Tq  # the head's first row in the contiguous (B * H * Tq) rows of lse, delta, dq
+        lse_row = lse_ptr + row0
+        delta_row = delta_ptr + row0
         kpm_row = kpm_ptr + b * stride_kpmb if HAS_KPM else kpm_ptr_
         seed64 = _philox_key(seed, bh)
         start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # the busiest query tiles first
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        tile_m = tl.arange(0, BLOCK_M)
+        offs_m = start_m + tile_m
         row_ok = offs_m < Tq
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
-        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                     mask=row_ok[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+        ok = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(_advance(q_base, start_m, stride_qm) + tile_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(_advance(do_base, start_m, stride_dom) + tile_m[:, None] * stride_dom
+                     + offs_d[None, :] * stride_dod,
+                     mask=ok, other=0.0)  # (BLOCK_M, BLOCK_D)
         lse2 = _load_lse2(lse_row, offs_m, Tq)  # (BLOCK_M,)
         delta = tl.load(delta_row + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
-        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         key_lo, full_end, end = _key_tile_ranges(start_m, Tq, Tk, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
         dq = _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                                     offs_m, offs_d, key_lo, full_end, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64, softcap,
+                                     offs_m, offs_d, d_ok, key_lo, full_end, Tq, Tk,
+                                     qk_scale, dropout_p, keep_scale, seed64, softcap,
                                      CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_N, SOFTCAP, window, WINDOW)
         dq = _attention_bwd_dq_tiles(dq, q, do, lse2, delta, k_base, v_base, kpm_row,
                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                                     offs_m, offs_d, full_end, end, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64, softcap,
+                                     offs_m, offs_d, d_ok, full_end, end, Tq, Tk,
+                                     qk_scale, dropout_p, keep_scale, seed64, softcap,
                                      CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_N, SOFTCAP, window, WINDOW)
-        tl.store(dq_ptr + (bh * Tq + offs_m)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
-                 (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(_advance(dq_ptr, row0 + start_m, HEAD_DIM) + tile_m[:, None] * HEAD_DIM + offs_d[None, :],
+                 (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=ok)
     else:
         bhk = tl.program_id(1)  # b * Hkv + kv head
         Hkv = H // KV_GROUP
@@ -472,14 +552,15 @@ def _attention_bwd_kernel(
         v_base = v_ptr + b * stride_vb + hk * stride_vh
         kpm_row = kpm_ptr + b * stride_kpmb if HAS_KPM else kpm_ptr_
         start_n = tl.program_id(0) * BLOCK_N  # under causal masking the first key tiles have the most queries
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = (offs_n < Tk)[:, None]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=key_ok, other=0.0)  # (BLOCK_N, HEAD_DIM)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=key_ok, other=0.0)  # (BLOCK_N, HEAD_DIM)
-        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        tile_n = tl.arange(0, BLOCK_N)
+        offs_n = start_n + tile_n
+        ok = (offs_n < Tk)[:, None] & d_ok[None, :]
+        k = tl.load(_advance(k_base, start_n, stride_kn) + tile_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(_advance(v_base, start_n, stride_vn) + tile_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         q_hi = Tq
         lo, full_start = _query_tile_ranges(start_n, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
         if WINDOW:  # only the query tiles whose windows reach this key tile, all masked
@@ -496,24 +577,23 @@ def _attention_bwd_kernel(
             seed64 = _philox_key(seed, bh)
             dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, kpm_row,
                                                stride_qm, stride_qd, stride_dom, stride_dod, stride_kpmn,
-                                               offs_n, offs_d, lo, tl.minimum(full_start, Tq), Tq, Tk, qk_scale,
+                                               offs_n, offs_d, d_ok, lo, tl.minimum(full_start, Tq), Tq, Tk, qk_scale,
                                                dropout_p, keep_scale, seed64, softcap,
                                                CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_M, SOFTCAP, window, WINDOW)
             dk, dv = _attention_bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_row, delta_row, kpm_row,
                                                stride_qm, stride_qd, stride_dom, stride_dod, stride_kpmn,
-                                               offs_n, offs_d, full_start, q_hi, Tq, Tk, qk_scale,
+                                               offs_n, offs_d, d_ok, full_start, q_hi, Tq, Tk, qk_scale,
                                                dropout_p, keep_scale, seed64, softcap,
                                                CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_M, SOFTCAP, window, WINDOW)
-        out_offsets = (bhk * Tk + offs_n)[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-        tl.store(dk_ptr + out_offsets, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=key_ok)
-        tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=key_ok)
+        row0 = bhk.to(tl.int64) * Tk + start_n  # the tile's first row in the contiguous (B * Hkv * Tk) rows of dk, dv
+        in_tile = tile_n[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(_advance(dk_ptr, row0, HEAD_DIM) + in_tile, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=ok)
+        tl.store(_advance(dv_ptr, row0, HEAD_DIM) + in_tile, dv.to(dv_ptr.dtype.element_ty), mask=ok)
 
 
 # The two passes, each autotuned over its own tiles (Triton compiles each DQ_PASS apart).
-_attention_bwd_dkdv_kernel = _launch.autotune(DKDV_CONFIGS, DKDV_INTERPRETER_CONFIG, key=TUNING_KEY,
-                                              prune=_prune_to_lengths)(_attention_bwd_kernel)
-_attention_bwd_dq_kernel = _launch.autotune(DQ_CONFIGS, DQ_INTERPRETER_CONFIG, key=TUNING_KEY,
-                                            prune=_prune_to_lengths)(_attention_bwd_kernel)
+_attention_bwd_dkdv_kernel = _autotune(DKDV_CONFIGS, DKDV_INTERPRETER_CONFIG)(_attention_bwd_kernel)
+_attention_bwd_dq_kernel = _autotune(DQ_CONFIGS, DQ_INTERPRETER_CONFIG)(_attention_bwd_kernel)
 
 
 
@@ -548,7 +628,8 @@ def _launch_args(op, q, k, v, key_padding_mask, causal, scale, dropout_p, seed, 
                    softcap=float(softcap) if softcap else 1.0, SOFTCAP=bool(softcap),
                    window=int(window) if window else 0, WINDOW=bool(window),
                    Q_BUCKET=_launch.length_bucket(Tq), K_BUCKET=_launch.length_bucket(Tk),
-                   HEAD_DIM=D, CAUSAL=causal, HAS_KPM=kpm is not None, HAS_DROPOUT=dropout_p > 0.0,
+                   HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),  # the tile width holding the head dim
+                   CAUSAL=causal, HAS_KPM=kpm is not None, HAS_DROPOUT=dropout_p > 0.0,
                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     return pointers, strides, scalars
 
@@ -597,7 +678,8 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     bwd_args = (*pointers, grad_out, lse, delta, grad_q, grad_k, grad_v, *strides, *grad_out.stride())
     with _launch.device_guard(q):
         _attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
-            out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Tq, HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M)
+            out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Tq, HEAD_DIM=D,
+            BLOCK_D=scalars["BLOCK_D"], BLOCK_M=DELTA_BLOCK_M)
         _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
             *bwd_args, sm_scale=scale, DQ_PASS=False, **scalars)
         _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
