@@ -3,7 +3,8 @@
 Every backend runs the same tests through the public API, `fastgpt.attention(..., backend=...)`,
 via the `kernel` fixture of conftest.py; the op-level `torch.ops.fastgpt.*` calls are cpu-only.
 Shapes stay small (Triton runs these under its slow CPU interpreter): T from 1 to 333, mostly odd
-or prime so that partial tiles are always exercised, head dims 16..128 (any 1..256 on cpu).
+or prime so that partial tiles are always exercised, head dims 16..256 (80 and 96 too: the GPU
+backends pad them; any 1..256 on cpu).
 """
 import os
 import subprocess
@@ -448,6 +449,9 @@ MODERN_CASES = [  # B, Hq, Hkv, Tq, Tk, D, window, softcap
     (1, 2, 2, 61, 61, 64, 1, None),        # window 1: each query sees only itself (causal)
     (2, 2, 1, 37, 64, 32, None, 5.0),      # softcap with MQA
     (1, 4, 2, 130, 130, 128, 33, 20.0),    # all three
+    (1, 4, 2, 45, 70, 80, 20, None),       # head dims the GPU backends pad to a power of two
+    (2, 2, 2, 37, 37, 96, None, 8.0),
+    (1, 2, 1, 33, 65, 256, 17, 30.0),      # Gemma's head dim, MQA
 ]
 
 
