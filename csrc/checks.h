@@ -80,7 +80,7 @@ inline void check_attention_bwd_inputs(const char* op, const at::Tensor& grad_ou
               ", ", out.device(), ", ", lse.device());
 }
 
-// Layer norm's saved statistics mean, rstd (N,): float32, float64 for float64 x.
+// The saved statistics of layer norm and RMSNorm (mean, rstd (N,)): float32, float64 for float64 x.
 inline at::ScalarType layer_norm_stats_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -99,18 +99,49 @@ inline void check_layer_norm_inputs(const char* op, const at::Tensor& x,
   }
 }
 
-// The backward: grad_y like x; mean, rstd (N,) in layer_norm_stats_dtype(x) on x's device.
-inline void check_layer_norm_bwd_inputs(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
-                                        const at::Tensor& mean, const at::Tensor& rstd) {
+// A norm's backward: grad_y like x; each of `stats` (mean, rstd) (N,) in layer_norm_stats_dtype(x)
+// on x's device.
+inline void check_norm_bwd_inputs(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                                  std::initializer_list<std::pair<const char*, const at::Tensor*>> stats) {
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() &&
                   grad_y.device() == x.device(),
               op, ": grad_y must have the shape, dtype and device of x (", x.sizes(), ", ", x.scalar_type(), ", ",
               x.device(), "), got ", grad_y.sizes(), ", ", grad_y.scalar_type(), ", ", grad_y.device());
-  const at::ScalarType stats = layer_norm_stats_dtype(x);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"mean", &mean}, {"rstd", &rstd}}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(0) && t->scalar_type() == stats && t->device() == x.device(),
-                op, ": ", name, " must be (N,) = (", x.size(0), ",) in ", stats, " on ", x.device(), ", got ",
+  const at::ScalarType stats_dtype = layer_norm_stats_dtype(x);
+  for (const auto& [name, t] : stats) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(0) && t->scalar_type() == stats_dtype &&
+                    t->device() == x.device(),
+                op, ": ", name, " must be (N,) = (", x.size(0), ",) in ", stats_dtype, " on ", x.device(), ", got ",
                 t->sizes(), " ", t->scalar_type(), " on ", t->device());
+  }
+}
+
+inline void check_layer_norm_bwd_inputs(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                                        const at::Tensor& mean, const at::Tensor& rstd) {
+  check_norm_bwd_inputs(op, grad_y, x, {{"mean", &mean}, {"rstd", &rstd}});
+}
+
+// A forward's eps: positive and finite.
+inline void check_eps(const char* op, double eps) {
+  TORCH_CHECK(eps > 0 && std::isfinite(eps), op, ": eps must be positive and finite, got ", eps);
+}
+
+// RMSNorm: x (N, C) with C >= 1; weight (C,) or None, and the residual of add_rms_norm (N, C),
+// in the dtype and on the device of x; offset finite.
+inline void check_rms_norm_inputs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                  double offset, const at::Tensor* residual = nullptr) {
+  if (weight.has_value()) {
+    check_layer_norm_inputs(op, x, {{"weight", &*weight}});
+  } else {
+    check_layer_norm_inputs(op, x, {});
+  }
+  TORCH_CHECK(std::isfinite(offset), op, ": offset must be finite, got ", offset);
+  if (residual != nullptr) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type() &&
+                    residual->device() == x.device(),
+                op, ": residual must have the shape, dtype and device of x (", x.sizes(), ", ", x.scalar_type(),
+                ", ", x.device(), "), got ", residual->sizes(), ", ", residual->scalar_type(), ", ",
+                residual->device());
   }
 }
 

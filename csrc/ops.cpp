@@ -19,6 +19,14 @@
 //
 //   x            (N, C) contiguous rows     weight, bias (C,)
 //   y            (N, C) dtype of x          mean, rstd (N,) float32 (float64 when x is)
+//
+//   RMSNorm: y = x * rstd * (offset + weight), rstd = 1 / sqrt(mean(x^2) + eps) over each row;
+//   offset 1 is Gemma's (1 + weight); weight None: y = x * rstd (no scale, whatever offset).
+//   x, residual  (N, C)      weight (C,) or None      y, sum (N, C) dtype of x
+//   rstd         (N,) float32 (float64 when x is)
+//   add_rms_norm_fwd: sum = x + residual (rounded to x's dtype), y = rms_norm(sum); its backward
+//   is rms_norm_bwd on sum (the op contract adds the gradient of sum).
+//   rms_norm_bwd's grad_weight is (C,), or empty (0,) when weight is None.
 #include <torch/library.h>
 #include <Python.h>
 
@@ -33,6 +41,11 @@ TORCH_LIBRARY(fastgpt, m) {
         "-> (Tensor y, Tensor mean, Tensor rstd)");
   m.def("layer_norm_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor mean, Tensor rstd) "
         "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  m.def("rms_norm_fwd(Tensor x, Tensor? weight, float eps, float offset) -> (Tensor y, Tensor rstd)");
+  m.def("add_rms_norm_fwd(Tensor x, Tensor residual, Tensor? weight, float eps, float offset) "
+        "-> (Tensor y, Tensor sum, Tensor rstd)");
+  m.def("rms_norm_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor rstd, float offset) "
+        "-> (Tensor grad_x, Tensor grad_weight)");
 }
 
 // `import fastgpt._C` loads this library (and with it the registrations above).

@@ -1,7 +1,8 @@
-"""The backends behind fastgpt.attention / fastgpt.layer_norm, and which one runs.
+"""The backends behind fastgpt.attention / layer_norm / rms_norm / add_rms_norm, and which one runs.
 
 Each backend declares here, and nowhere else, what it supports: devices (and why it is
-unavailable on one), dtypes, attention head dims, and the combinations it refuses. The
+unavailable on one), dtypes, attention head dims, the ops it has a kernel for (OPS; a backend
+without one says so, and `auto` passes it over for that op), and the combinations it refuses. The
 same declarations decide dispatch and word the errors: `select` for the public API (after
 fastgpt.ops has validated the inputs, before any kernel runs), `refusal` for the Triton
 operators' own safety nets. (The C++/CUDA kernels compile their supported set in; tests
@@ -28,6 +29,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NAMES = ("naive", "sdpa", "cpu", "cuda", "triton")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "sdpa", "naive"), "cpu": ("cpu", "sdpa", "naive")}
 BACKEND_NAMES = ("auto",) + NAMES  # what every `backend=` argument accepts
+OPS = ("attention", "layer_norm", "rms_norm", "add_rms_norm")  # the public ops; a Backend field each
 
 
 def check_backend_name(backend: str) -> str:
@@ -72,6 +74,10 @@ class Backend:
     # window 0 and softcap 0.0 mean none (the operators' convention)
     attention: Callable | None = None
     layer_norm: Callable | None = None  # (x2d, weight, bias, eps) -> y2d
+    rms_norm: Callable | None = None  # (x2d, weight or None, eps, offset) -> y2d
+    add_rms_norm: Callable | None = None  # (x2d, residual2d, weight or None, eps, offset) -> (y2d, sum2d)
+    # op -> why this backend has no kernel for it (its field above stays None); refusal() and auto use it
+    missing: dict[str, str] = field(default_factory=dict)
     refusals: tuple[Refusal, ...] = ()
     features: frozenset[str] = ALL_FEATURES  # the ATTENTION_FEATURES its attention runs
     # feature -> how this backend runs it, where that is not fused (fastgpt.info() shows it)
@@ -79,6 +85,10 @@ class Backend:
 
     def why_not(self, device_type: str) -> str | None:
         return self.unavailable.get(device_type, f"the {self.name} backend does not run on {device_type} tensors")
+
+    def lacks(self, op: str) -> str | None:
+        """None when this backend has a kernel for `op` (one of OPS), else why not (declared in `missing`)."""
+        return self.missing.get(op)
 
 
 def _sdpa_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap):
@@ -111,6 +121,25 @@ def _extension_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, se
 
 def _extension_layer_norm(x, weight, bias, eps):
     return torch.ops.fastgpt.layer_norm_fwd(x, weight, bias, eps)[0]
+
+
+def _extension_rms_norm(x, weight, eps, offset):
+    return torch.ops.fastgpt.rms_norm_fwd(x, weight, eps, offset)[0]
+
+
+def _extension_add_rms_norm(x, residual, weight, eps, offset):
+    y, total, _ = torch.ops.fastgpt.add_rms_norm_fwd(x, residual, weight, eps, offset)
+    return y, total
+
+
+def _sdpa_rms_norm(x, weight, eps, offset):
+    # The torch baseline: offset + weight in the dtype of x, as a model written for F.rms_norm does.
+    return F.rms_norm(x, x.shape[-1:], weight if weight is None or offset == 0.0 else offset + weight, eps)
+
+
+def _sdpa_add_rms_norm(x, residual, weight, eps, offset):
+    total = x + residual
+    return _sdpa_rms_norm(total, weight, eps, offset), total
 
 
 def _extension_reasons() -> dict[str, str | None]:
@@ -149,18 +178,23 @@ def _build_registry() -> dict[str, Backend]:
     registry = {
         "naive": Backend("naive", "the book's matmul attention (fastgpt/reference.py)",
                          FLOAT_DTYPES + (torch.float64,), None, {"cpu": None, "cuda": None},
-                         _naive_attention, reference.layer_norm),
-        "sdpa": Backend("sdpa", "torch.nn.functional.scaled_dot_product_attention / F.layer_norm",
+                         _naive_attention, reference.layer_norm, reference.rms_norm, reference.add_rms_norm),
+        "sdpa": Backend("sdpa", "torch.nn.functional.scaled_dot_product_attention / F.layer_norm / F.rms_norm",
                         FLOAT_DTYPES + (torch.float64,), None, {"cpu": None, "cuda": None},
                         _sdpa_attention, lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], w, b, eps),
+                        _sdpa_rms_norm, _sdpa_add_rms_norm,
                         unfused={"window": "an explicit (Tq, Tk) boolean mask",
                                  "softcap": "the matmul attention of reference.py (SDPA has no softcap)"}),
         "cpu": Backend("cpu", "fused C++ kernels (csrc/cpu)", FLOAT_DTYPES + (torch.float64,),
                        tuple(range(1, 257)), {"cpu": ext["cpu"]},
-                       _extension_attention, _extension_layer_norm, features=frozenset({"gqa", "window", "softcap"})),
+                       _extension_attention, _extension_layer_norm, _extension_rms_norm, _extension_add_rms_norm,
+                       features=frozenset({"gqa", "window", "softcap"})),
         "cuda": Backend("cuda", "fused CUDA kernels (csrc/cuda)", FLOAT_DTYPES, (16, 32, 64, 128),
                         {"cuda": ext["cuda"]}, _extension_attention, _extension_layer_norm,
-                        features=frozenset({"gqa", "window", "softcap"})),
+                        features=frozenset({"gqa", "window", "softcap"}),
+                        missing={op: (f"the cuda backend has no {op} kernel yet (csrc/cuda has none): "
+                                      "backend='triton' or 'sdpa' runs it on CUDA tensors")
+                                 for op in ("rms_norm", "add_rms_norm")}),
         "triton": Backend("triton", "fused Triton kernels (fastgpt/triton)", FLOAT_DTYPES,
                           (16, 32, 64, 80, 96, 128, 256), _triton_reasons(),
                           refusals=(Refusal("attention", "cpu", torch.bfloat16,
@@ -171,8 +205,9 @@ def _build_registry() -> dict[str, Backend]:
     triton = registry["triton"]
     if any(reason is None for reason in triton.unavailable.values()):
         try:
-            from .triton import attention as triton_attention, layer_norm as triton_layer_norm
+            from .triton import attention as triton_attention, layer_norm as triton_layer_norm, rms_norm as triton_rms
             triton.attention, triton.layer_norm = triton_attention.attention, triton_layer_norm.layer_norm
+            triton.rms_norm, triton.add_rms_norm = triton_rms.rms_norm, triton_rms.add_rms_norm
         except Exception as error:  # noqa: BLE001 - any import failure makes the backend unavailable
             reason = f"fastgpt.triton failed to import: {type(error).__name__}: {error}"
             triton.unavailable = {device: reason for device in triton.unavailable}
@@ -208,10 +243,11 @@ def dtypes_expected() -> str:
 
 
 def select(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None,
-           features: frozenset[str] = frozenset()) -> Backend:
-    """The backend that runs a call on `device` with `dtype`: attention passes its `head_dim` and the
-    ATTENTION_FEATURES it uses, layer norm passes None."""
-    op = "layer_norm" if head_dim is None else "attention"
+           features: frozenset[str] = frozenset(), op: str | None = None) -> Backend:
+    """The backend that runs a call of `op` (one of OPS) on `device` with `dtype`: attention passes
+    its `head_dim` and the ATTENTION_FEATURES it uses, the norms pass None (op defaults to
+    "attention" with a head dim, else "layer_norm")."""
+    op = op or ("layer_norm" if head_dim is None else "attention")
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("naive",)):
             candidate = REGISTRY[name]
@@ -223,19 +259,23 @@ def select(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int
     chosen = REGISTRY[backend]
     why = refusal(chosen, op, device, dtype, head_dim, features)
     if why is not None:
-        raise (RuntimeError if why.startswith("unavailable") else ValueError)(
-            f"fastgpt.{op}: backend={backend!r} cannot run this call: {why}")
+        error = (RuntimeError if why.startswith("unavailable") else
+                 NotImplementedError if why == chosen.lacks(op) else ValueError)
+        raise error(f"fastgpt.{op}: backend={backend!r} cannot run this call: {why}")
     return chosen
 
 
 def refusal(backend: Backend | str, op: str, device: torch.device, dtype: torch.dtype,
             head_dim: int | None = None, features: frozenset[str] = frozenset()) -> str | None:
-    """None when `backend` runs `op` ("attention" with its head dim and features, or "layer_norm")
-    on `device` with `dtype`; else why not, from the backend's declarations above."""
+    """None when `backend` runs `op` (one of OPS: "attention" with its head dim and features) on
+    `device` with `dtype`; else why not, from the backend's declarations above."""
     candidate = REGISTRY[backend] if isinstance(backend, str) else backend
     why = candidate.why_not(device.type)
     if why is not None:
         return f"unavailable on {device.type}: {why}"
+    why = candidate.lacks(op)
+    if why is not None:
+        return why
     if dtype not in candidate.dtypes:
         return f"dtype must be {_one_of(_dtype_name(d) for d in candidate.dtypes)}, got {_dtype_name(dtype)}"
     for refused in candidate.refusals:
@@ -263,6 +303,8 @@ def info() -> dict[str, dict]:
             "reason": "; ".join(f"{device}: {why}" for device, why in reasons.items()) or None,
             "description": backend.description,
             "attention_features": sorted(backend.features),
+            "ops": [op for op in OPS if op not in backend.missing],
+            "missing_ops": dict(backend.missing),
             "not_fused": dict(backend.unfused),
         }
     picks = {}

@@ -1,4 +1,4 @@
-"""The `fastgpt` command: info | generate | bench attention|layernorm|gpt | train.
+"""The `fastgpt` command: info | generate | bench attention|layernorm|rmsnorm|gpt | train.
 
 `bench` and `train` hand the rest of the command line, untouched, to the main(argv)
 of the module that implements them, imported only when asked for.
@@ -14,11 +14,11 @@ import platform
 import sys
 
 BENCHMARKS = {"attention": "fastgpt.bench.attention", "layernorm": "fastgpt.bench.layer_norm",
-              "gpt": "fastgpt.bench.gpt_e2e"}
+              "rmsnorm": "fastgpt.bench.rms_norm", "gpt": "fastgpt.bench.gpt_e2e"}
 BENCH_ALIASES = {"context": "attention"}  # `fastgpt bench context`: the attention benchmark's older name
 RANDOM_WEIGHTS_WARNING = (
     "WARNING: no --weights given: the model has RANDOM weights and will print gibberish.\n"
-    "         Pass --weights DIR (a Hugging Face GPT-2 directory: config.json + model.safetensors)\n"
+    "         Pass --weights DIR (a Hugging Face directory: config.json + model.safetensors)\n"
     "         or --weights FILE (a fastgpt checkpoint) for real text.")
 
 
@@ -53,11 +53,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _resolve_config(spec: str) -> dict:
-    """A config name of fastgpt.models (tiny, small, gpt2-small, ...), a JSON object, or the
-    path of a JSON file; JSON overrides gpt2-small's keys."""
-    from .models import CONFIG_NAMES, model_config
+    """A config name of fastgpt.models (tiny, small, gpt2-small, llama3-tiny, qwen3-0.6b, ...), a
+    JSON object, or the path of a JSON file; JSON overrides gpt2-small's keys."""
+    from .models import ALL_CONFIG_NAMES, model_config
 
-    if spec in CONFIG_NAMES:
+    if spec in ALL_CONFIG_NAMES:
         return model_config(spec)
     if os.path.isfile(spec):
         with open(spec) as f:
@@ -66,7 +66,7 @@ def _resolve_config(spec: str) -> dict:
         text = spec
     else:
         raise SystemExit(f"fastgpt generate: --config {spec!r} is neither a config name "
-                         f"({', '.join(CONFIG_NAMES)}), a JSON object nor a JSON file")
+                         f"({', '.join(ALL_CONFIG_NAMES)}), a JSON object nor a JSON file")
     try:
         overrides = json.loads(text)
     except json.JSONDecodeError as error:
@@ -79,25 +79,75 @@ def _resolve_config(spec: str) -> dict:
         raise SystemExit(f"fastgpt generate: --config: {error}") from error
 
 
+class _HFTokenizer:
+    """DIR/tokenizer.json through the `tokenizers` package, with tiktoken's encode / decode."""
+
+    def __init__(self, path: str):
+        try:
+            from tokenizers import Tokenizer
+        except ModuleNotFoundError as error:
+            raise SystemExit(f"fastgpt generate: {path} needs the `tokenizers` package "
+                             f"(pip install tokenizers; transformers installs it)") from error
+        self.tokenizer = Tokenizer.from_file(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids  # with the special tokens the tokenizer adds (Llama's BOS)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _eos_ids(directory: str) -> list[int]:
+    """The end-of-sequence ids of a HF directory: generation_config.json's, else config.json's."""
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                eos = json.load(f).get("eos_token_id")
+            if eos is not None:
+                return [eos] if isinstance(eos, int) else list(eos)
+    return []
+
+
+def _tokenizer_for(weights: str | None, family: str):
+    """(tokenizer, eos ids): DIR/tokenizer.json when there is one, else GPT-2's tiktoken for GPT-2
+    (and for models with random weights); a clear message for the other families."""
+    from .tokenizer import get_tokenizer
+
+    if weights is not None and os.path.isdir(weights):
+        path = os.path.join(weights, "tokenizer.json")
+        if os.path.isfile(path):
+            return _HFTokenizer(path), _eos_ids(weights)
+        if family != "gpt2":
+            raise SystemExit(f"fastgpt generate: {weights} has no tokenizer.json; a {family} model needs the "
+                             f"tokenizer it was trained with (download tokenizer.json with the weights)")
+    tokenizer = get_tokenizer()
+    return tokenizer, [tokenizer.eot_token]
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .models import GPTModel
-    from .tokenizer import get_tokenizer
-    from .weights import load_checkpoint, load_gpt2
+    from .models import ALL_CONFIG_NAMES, MODEL_CLASSES, family_of
+    from .weights import load_checkpoint, load_pretrained
 
     torch.manual_seed(args.seed)
     if args.weights is None:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
-        model = GPTModel(_resolve_config(args.config), backend=args.backend)
+        family = family_of(args.config) if args.config in ALL_CONFIG_NAMES else "gpt2"
+        model = MODEL_CLASSES[family](_resolve_config(args.config), backend=args.backend)
     elif os.path.isdir(args.weights):
-        model = load_gpt2(args.weights, backend=args.backend)
+        try:
+            model = load_pretrained(args.weights, backend=args.backend)
+        except (ValueError, KeyError, FileNotFoundError) as error:
+            raise SystemExit(f"fastgpt generate: --weights {args.weights}: {error}") from error
     else:
         model = load_checkpoint(args.weights, backend=args.backend)
+    tokenizer, eos_ids = _tokenizer_for(args.weights, model.family)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    tokenizer = get_tokenizer()
-    ids = tokenizer.encode(args.prompt, allowed_special={"<|endoftext|>"})
+    ids = (tokenizer.encode(args.prompt) if isinstance(tokenizer, _HFTokenizer)
+           else tokenizer.encode(args.prompt, allowed_special={"<|endoftext|>"}))
     if not ids:
         raise SystemExit("fastgpt generate: the prompt is empty")
     if max(ids) >= model.cfg["vocab_size"]:
@@ -105,7 +155,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          f"is {model.cfg['vocab_size']} (GPT-2's tokenizer needs 50257)")
     prompt = torch.tensor([ids], device=device)  # (1, T)
     out = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, eos_id=tokenizer.eot_token)
+                         top_k=args.top_k, eos_id=eos_ids or None)
     print(tokenizer.decode(out[0].tolist()))
     return 0
 
@@ -128,12 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="which backends are compiled and usable here, and why not")
     info.set_defaults(handler=cmd_info)
 
-    gen = commands.add_parser("generate", help="generate text with GPT-2 (KV cache)")
+    gen = commands.add_parser("generate", help="generate text with GPT-2, Llama 3, Qwen 3 or Gemma 3 (KV cache)")
     gen.add_argument("prompt")
-    gen.add_argument("--weights", help="Hugging Face GPT-2 directory or fastgpt checkpoint file "
-                                       "(default: random weights, with a warning)")
+    gen.add_argument("--weights", help="Hugging Face directory (GPT-2, Llama, Qwen3 or Gemma3ForCausalLM: config.json, "
+                                       "safetensors, tokenizer.json; the architecture comes from config.json) or a "
+                                       "fastgpt checkpoint file (default: random weights, with a warning)")
     gen.add_argument("--config", default="gpt2-small",
-                     help="without --weights: a config name (tiny|small|gpt2-small|medium|large|xl), or a JSON object "
+                     help="without --weights: a config name (tiny|small|gpt2-small|medium|large|xl, llama3-tiny, "
+                          "qwen3-tiny, gemma3-tiny, llama3.2-1b, ...), or a JSON object "
                           "or JSON file whose keys override gpt2-small's, e.g. "
                           "'{\"emb_dim\": 64, \"n_heads\": 4, \"n_layers\": 2}' for a tiny CPU demo")
     gen.add_argument("--backend", default="auto", help="auto|naive|sdpa|cpu|cuda|triton (default auto)")
@@ -145,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=cmd_generate)
 
     # Parsed by hand in main() (see there); declared here for --help.
-    bench = commands.add_parser("bench", help="benchmarks: attention (alias: context) | layernorm | gpt "
+    bench = commands.add_parser("bench", help="benchmarks: attention (alias: context) | layernorm | rmsnorm | gpt "
                                               "[their options]; results go to benchmarks/out/")
     bench.add_argument("which", choices=sorted(BENCHMARKS) + sorted(BENCH_ALIASES))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import backends
+from . import backends, reference
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -102,6 +102,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                             0 if window is None else int(window), 0.0 if softcap is None else float(softcap))
 
 
+def _check_rows(op: str, x) -> int:
+    """x (..., C) with C >= 1 in a dtype some backend takes; returns C."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"fastgpt.{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"fastgpt.{op}: x must have a non-empty last dim (..., C), got shape {_shape(x)}")
+    _check_dtype(op, "x", x)
+    return x.shape[-1]
+
+
+def _check_param(op: str, name: str, t, x: torch.Tensor) -> torch.Tensor:
+    """A per-column parameter of x (..., C): a floating-point (C,) tensor on x's device, cast to
+    x's dtype (as under autocast; gradients flow back through the cast)."""
+    C = x.shape[-1]
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastgpt.{op}: {name} must be a tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != (C,):
+        raise ValueError(f"fastgpt.{op}: {name} must have shape (C,) = ({C},) to match x {_shape(x)}, "
+                         f"got {_shape(t)}")
+    if t.device != x.device:
+        raise ValueError(f"fastgpt.{op}: {name} must be on {x.device} (the device of x), got {t.device}")
+    if not t.is_floating_point():
+        raise ValueError(f"fastgpt.{op}: {name} must be floating point, got {t.dtype}")
+    return t.to(x.dtype)
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def _check_eps(op: str, eps) -> float:
+    if not (_is_number(eps) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"fastgpt.{op}: eps must be a positive finite number, got {eps!r}")
+    return float(eps)
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float = 1e-5, backend: str = "auto") -> torch.Tensor:
     """Layer norm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias.
@@ -109,33 +145,66 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     x (..., C); weight, bias (C,) or None (ones / zeros). Statistics in float32 (or float64).
     weight and bias are cast to the dtype of x (as under autocast), gradients flow back.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"fastgpt.layer_norm: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"fastgpt.layer_norm: x must have a non-empty last dim (..., C), got shape {_shape(x)}")
-    _check_dtype("layer_norm", "x", x)
-    C = x.shape[-1]
-    params = []
-    for name, t, fill in (("weight", weight, 1.0), ("bias", bias, 0.0)):
-        if t is None:
-            t = torch.full((C,), fill, dtype=x.dtype, device=x.device)
-        elif not isinstance(t, torch.Tensor):
-            raise TypeError(f"fastgpt.layer_norm: {name} must be a tensor or None, got {type(t).__name__}")
-        elif tuple(t.shape) != (C,):
-            raise ValueError(f"fastgpt.layer_norm: {name} must have shape (C,) = ({C},) to match x {_shape(x)}, "
-                             f"got {_shape(t)}")
-        elif t.device != x.device:
-            raise ValueError(f"fastgpt.layer_norm: {name} must be on {x.device} (the device of x), got {t.device}")
-        elif not t.is_floating_point():
-            raise ValueError(f"fastgpt.layer_norm: {name} must be floating point, got {t.dtype}")
-        params.append(t.to(x.dtype))
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"fastgpt.layer_norm: eps must be a positive finite number, got {eps!r}")
+    C = _check_rows("layer_norm", x)
+    params = [torch.full((C,), fill, dtype=x.dtype, device=x.device) if t is None
+              else _check_param("layer_norm", name, t, x)
+              for name, t, fill in (("weight", weight, 1.0), ("bias", bias, 0.0))]
+    eps = _check_eps("layer_norm", eps)
     chosen = backends.select(backend, x.device, x.dtype)
     rows = x.reshape(-1, C)
     if rows.shape[0] == 0:
         return x * params[0] + params[1]
-    return chosen.layer_norm(rows, params[0], params[1], float(eps)).view(x.shape)
+    return chosen.layer_norm(rows, params[0], params[1], eps).view(x.shape)
+
+
+def _check_rms_norm(op: str, x, weight, eps, offset) -> tuple[torch.Tensor | None, float, float]:
+    """(weight cast to x's dtype or None, eps, offset) of a valid rms_norm / add_rms_norm call."""
+    _check_rows(op, x)
+    weight = None if weight is None else _check_param(op, "weight", weight, x)
+    eps = _check_eps(op, eps)
+    if not (_is_number(offset) and math.isfinite(offset)):
+        raise ValueError(f"fastgpt.{op}: offset must be a finite number (1.0: Gemma's 1 + weight), got {offset!r}")
+    return weight, eps, float(offset)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *, offset: float = 0.0,
+             backend: str = "auto") -> torch.Tensor:
+    """RMSNorm over the last dim: x · rsqrt(mean(x²) + eps) · (offset + weight).
+
+    x (..., C) -> (..., C) in the dtype of x; weight (C,), cast to the dtype of x, or None: no scale
+    (y = x · rsqrt(mean(x²) + eps), torch.nn.RMSNorm(elementwise_affine=False)), whatever offset.
+    offset=1.0 is Gemma's (1 + weight). Statistics in float32 (float64 for float64 x).
+    Differentiable in x and weight.
+    """
+    weight, eps, offset = _check_rms_norm("rms_norm", x, weight, eps, offset)
+    chosen = backends.select(backend, x.device, x.dtype, op="rms_norm")
+    rows = x.reshape(-1, x.shape[-1])  # (N, C)
+    if rows.shape[0] == 0:
+        return reference.rms_norm(x, weight, eps, offset)
+    return chosen.rms_norm(rows, weight, eps, offset).view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6, *,
+                 offset: float = 0.0, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual, weight, eps, offset=offset), x + residual) in one pass: a pre-norm
+    block's residual add and the next norm. x, residual (..., C) of one shape, dtype and device;
+    the sum is rounded to their dtype before it is normalised, as `h = x + residual;
+    rms_norm(h)` does. Differentiable in x, residual and weight.
+    """
+    weight, eps, offset = _check_rms_norm("add_rms_norm", x, weight, eps, offset)
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"fastgpt.add_rms_norm: residual must be a torch.Tensor, got {type(residual).__name__}")
+    if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"fastgpt.add_rms_norm: residual must have the shape, dtype and device of x "
+                         f"({_shape(x)}, {x.dtype}, {x.device}), got {_shape(residual)}, {residual.dtype}, "
+                         f"{residual.device}")
+    chosen = backends.select(backend, x.device, x.dtype, op="add_rms_norm")
+    C = x.shape[-1]
+    rows, residual_rows = x.reshape(-1, C), residual.reshape(-1, C)  # (N, C) each
+    if rows.shape[0] == 0:
+        return reference.add_rms_norm(x, residual, weight, eps, offset)
+    y, total = chosen.add_rms_norm(rows, residual_rows, weight, eps, offset)
+    return y.view(x.shape), total.view(x.shape)
 
 
 def info() -> dict[str, dict]:

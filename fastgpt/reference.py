@@ -1,4 +1,4 @@
-"""The book's attention and layer norm, written plainly: the one oracle.
+"""The book's attention, layer norm and RMSNorm, written plainly: the one oracle.
 
 Every kernel in fastgpt is tested against these functions run in float64. They are
 also the `naive` backend (run in the input dtype): matmul, mask, softmax, dropout,
@@ -128,3 +128,26 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     mean = x.mean(dim=-1, keepdim=True)
     var = x.var(dim=-1, keepdim=True, unbiased=False)
     return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6,
+             offset: float = 0.0) -> torch.Tensor:
+    """The book's RMSNorm over the last dim, x · rsqrt(mean(x²) + eps) · (offset + weight), as its
+    Qwen3 / Gemma 3 chapters write it: computed in float32 for half-precision x (float64 stays
+    float64), then cast back to the dtype of x. offset=1 is Gemma's (1 + weight). weight None:
+    no scale at all (the normalised x, torch.nn.RMSNorm(elementwise_affine=False)); offset then
+    plays no part: weight None is the identity scale in both conventions."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(compute)
+    normed = xc * torch.rsqrt(xc.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        normed = normed * (offset + weight.to(compute))
+    return normed.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6,
+                 offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): a pre-norm block's residual add and the next
+    norm. The sum is rounded to the dtype of x before it is normalised, as the unfused code is."""
+    total = x + residual
+    return rms_norm(total, weight, eps, offset), total

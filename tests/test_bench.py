@@ -13,7 +13,7 @@ import torch
 
 import fastgpt
 from fastgpt import cli, reference
-from fastgpt.bench import attention, common, gpt_e2e, layer_norm
+from fastgpt.bench import attention, common, gpt_e2e, layer_norm, rms_norm
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -73,7 +73,7 @@ def test_peak_memory_counts_what_a_call_allocates():
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module", [attention, layer_norm, gpt_e2e])
+@pytest.mark.parametrize("module", [attention, layer_norm, rms_norm, gpt_e2e])
 def test_results_go_to_an_untracked_folder_by_default(module):
     """A plain run must never overwrite the committed results of a checkout."""
     default = module.parse_args([]).out_dir
@@ -292,6 +292,59 @@ def test_layer_norm_bench_end_to_end(tmp_path):
     assert stored["results"] == data["results"] and stored["environment"]["device_kind"] == "cpu"
     markdown = (tmp_path / "cpu_layer_norm.md").read_text()
     assert "### forward (fwd)" in markdown and "### backward (bwd)" in markdown and "copy GB/s" in markdown
+
+
+# ---- RMSNorm ----------------------------------------------------------------------------------
+
+def test_rms_norm_bytes():
+    # rms_norm: read x, w, write y; add: read x, residual, w, write y, sum; fwd+bwd adds the backward's traffic.
+    assert rms_norm.rms_norm_bytes("rms_norm", 10, 8, torch.float32, "fwd") == (2 * 80 + 8) * 4
+    assert rms_norm.rms_norm_bytes("add_rms_norm", 10, 8, torch.bfloat16, "fwd") == (4 * 80 + 8) * 2
+    assert rms_norm.rms_norm_bytes("rms_norm", 10, 8, torch.bfloat16, "fwd_bwd") == (5 * 80 + 3 * 8) * 2 + 2 * 10 * 4
+    assert rms_norm.rms_norm_bytes("add_rms_norm", 10, 8, torch.float32, "fwd_bwd") == (8 * 80 + 3 * 8) * 4 + 80
+
+
+def test_rms_norm_bench_end_to_end(tmp_path):
+    backends = [b for b in cpu_backends() if b != "sdpa"]
+    data = rms_norm.run(["--device", "cpu", "--shapes", "64x48,16x130", "--repeats", "1",
+                         "--backends", ",".join(backends), "--out-dir", str(tmp_path)], show_progress=False)
+    assert data["settings"]["implementations"] == ["torch"] + backends
+    assert data["settings"]["dtypes"] == ["float32", "bfloat16"]  # both by default
+    assert [(c["dtype"], c["rows"], c["C"]) for c in data["copy"]] == [
+        ("float32", 64, 48), ("float32", 16, 130), ("bfloat16", 64, 48), ("bfloat16", 16, 130)]
+    # dtypes x shapes x ops x passes x implementations
+    assert len(data["results"]) == 2 * 2 * 2 * 2 * (1 + len(backends))
+    for row in data["results"]:
+        assert row["status"] == "ok", row
+        dtype = common.DTYPES[row["dtype"]]
+        assert row["bytes"] == rms_norm.rms_norm_bytes(row["op"], row["rows"], row["C"], dtype, row["pass"])
+        assert row["gb_per_s"] == pytest.approx(row["bytes"] / (row["time_us"] / 1e6) / 1e9)
+        if row["impl"] == "torch":
+            assert row["speedup_vs_torch"] == pytest.approx(1.0)
+    markdown = (tmp_path / "cpu_rms_norm.md").read_text()
+    for title in ("rms_norm vs F.rms_norm, forward (fwd)", "fused add_rms_norm vs x + residual, then F.rms_norm, "
+                  "forward + backward (fwd_bwd)"):
+        assert f"### {title}" in markdown
+    assert json.loads((tmp_path / "cpu_rms_norm.json").read_text())["results"] == data["results"]
+
+
+def test_rms_norm_bench_records_why_a_backend_is_not_measured(tmp_path, monkeypatch):
+    """The cuda backend has no rms_norm kernel: where it runs it is listed as not measured, with the reason."""
+    from fastgpt import backends
+    monkeypatch.setitem(backends.REGISTRY["cuda"].unavailable, "cpu", None)  # as if it ran here
+    usable, unavailable = common.usable_backends("naive,cuda", torch.device("cpu"), op="rms_norm")
+    assert usable == ["naive"] and "has no rms_norm kernel" in unavailable["cuda"]
+    assert common.usable_backends("naive,cuda", torch.device("cpu"), op="layer_norm") == (["naive", "cuda"], {})
+    monkeypatch.undo()
+    data = rms_norm.run(["--device", "cpu", "--shapes", "8x16", "--repeats", "1", "--dtype", "float32",
+                         "--backends", "naive,cuda", "--out-dir", str(tmp_path)], show_progress=False)
+    assert data["settings"]["implementations"] == ["torch", "naive"] and "cuda" in data["unavailable"]
+    failing = {"broken": {op: (lambda *a: 1 / 0) for op in rms_norm.OPS}}
+    data = rms_norm.run(["--device", "cpu", "--shapes", "8x16", "--repeats", "1", "--dtype", "float32",
+                         "--out-dir", str(tmp_path)], impls=failing, show_progress=False)
+    broken = [r for r in data["results"] if r["impl"] == "broken"]
+    assert len(broken) == 4 and all(r["status"] == "error" and "ZeroDivisionError" in r["note"] for r in broken)
+    assert "Failures:" in (tmp_path / "cpu_rms_norm.md").read_text()
 
 
 # ---- GPT end to end --------------------------------------------------------------------------

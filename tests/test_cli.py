@@ -88,6 +88,7 @@ def fake_module(monkeypatch, name, calls):
      ["--max-T", "4096", "--help"]),
     (["bench", "context", "--max-T", "4096"], "fastgpt.bench.attention", ["--max-T", "4096"]),  # the alias
     (["bench", "layernorm"], "fastgpt.bench.layer_norm", []),
+    (["bench", "rmsnorm", "--dtype", "bfloat16"], "fastgpt.bench.rms_norm", ["--dtype", "bfloat16"]),
     (["bench", "gpt", "--backend", "cpu"], "fastgpt.bench.gpt_e2e", ["--backend", "cpu"]),
 ])
 def test_bench_and_train_get_their_argv_untouched(monkeypatch, argv, module, passed):
@@ -139,3 +140,51 @@ def test_one_config_registry_for_train_generate_and_bench():
     # The registry is the only place these names live (test_layers checks no other dict of config keys exists).
     for module in (train, cli, gpt_e2e):
         assert not hasattr(module, "SMALL_CONFIGS") and not hasattr(module, "GPT2_CONFIGS"), module.__name__
+
+
+def word_tokenizer(vocab_size):
+    """A tokenizer.json of vocab_size words (w3, w4, ...; 0-2 special), built offline with `tokenizers`."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return tokenizer
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_generate_picks_the_architecture_and_tokenizer_json(tmp_path, capsys, family):
+    """--weights DIR of a Llama / Qwen 3 / Gemma 3 checkpoint: the model config.json names, its
+    tokenizer.json, its eos id; the printed text is transformers' greedy continuation."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=16, vocab_size=64, max_position_embeddings=32, eos_token_id=5)
+    config, cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                   "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+                   "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}[family]
+    extra = {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]} if family == "gemma3" else {}
+    torch.manual_seed(0)
+    hf = cls(config(**common, **extra)).eval()
+    hf.save_pretrained(tmp_path)
+    tokenizer = word_tokenizer(64)
+    argv = ["generate", "w7 w9 w11 w3", "--weights", str(tmp_path), "--max-new-tokens", "6", "--device", "cpu",
+            "--backend", "cpu"]
+    with pytest.raises(SystemExit, match=r"has no tokenizer.json; a (llama3|qwen3|gemma3) model needs"):
+        main(argv)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    ids = torch.tensor([tokenizer.encode("w7 w9 w11 w3").ids])
+    with torch.no_grad():
+        expected = hf.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=5, pad_token_id=5)
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out == tokenizer.decode(expected[0].tolist(), skip_special_tokens=False) + "\n" and "RANDOM" not in err
+
+
+def test_generate_with_a_rope_laptop_config(offline_vocab, capsys, tmp_path):
+    assert main(["generate", "Every effort", "--config", "gemma3-tiny", "--max-new-tokens", "3", "--backend", "naive",
+                 "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "RANDOM weights" in err and out.startswith("Every effort")
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
+    with pytest.raises(SystemExit, match="model_type='bert'.*is not supported; fastgpt loads GPT2LMHeadModel"):
+        main(["generate", "hi", "--weights", str(tmp_path)])

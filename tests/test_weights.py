@@ -243,3 +243,12 @@ def test_load_book_state_dict_takes_fastgpt_names_too():
     target = fastgpt.load_book_state_dict(fastgpt.GPTModel(TINY), source.state_dict())
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_load_pretrained_picks_gpt2_from_config_json(hf_reference):
+    _, dirs, prompt, logits64, _ = hf_reference
+    assert fastgpt.weights.architecture_of(str(dirs["safetensors"])) == "gpt2"
+    model = fastgpt.load_pretrained(str(dirs["bin"]), backend="naive")
+    assert type(model) is fastgpt.GPTModel and model.out_head.weight is model.tok_emb.weight
+    with torch.no_grad():
+        assert_close(model(prompt), logits64, what="load_pretrained GPT-2 logits vs transformers (float64)")

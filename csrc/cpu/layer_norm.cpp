@@ -21,11 +21,8 @@
 //   pass 1  Σg, Σg·d, Σd with d = x - mean_saved  Σd/C corrects the saved (rounded) mean as above
 //   pass 2  grad_x = rstd · (g - mean(g) - x̂ · mean(g·x̂))
 //           grad_weight += grad_y · x̂,  grad_bias += grad_y    (this chunk's partial sums)
-// grad_weight and grad_bias are sums over all N rows. Rows are cut into chunks of kRowsPerChunk;
-// each chunk sums its rows into its own (2, C) acc_t row of a scratch tensor, so threads never
-// share an accumulator (no atomics, no locks), then a second parallel loop, over columns, adds
-// the chunk partials in chunk order. Chunks do not depend on the thread count, so the gradients
-// are bitwise the same whatever at::get_num_threads() is.
+// grad_weight and grad_bias are sums over all N rows, taken per chunk of rows and then over the
+// chunks in a fixed order (csrc/cpu/norm_rows.h): bitwise the same whatever at::get_num_threads() is.
 
 // No implicit fused multiply-adds (GCC and clang contract a * b + c by default): where the
 // backward subtracts mean(g) from g, both must be the same rounded products, or a row of C = 1
@@ -37,106 +34,17 @@
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
 #endif
-#include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <tuple>
-#include <type_traits>
 
 #include "checks.h"
+#include "norm_rows.h"
 
 namespace fastgpt {
 namespace {
-
-template <typename scalar_t>
-using acc_t = at::opmath_type<scalar_t>;
-template <typename scalar_t>
-using AccVec = at::vec::Vectorized<acc_t<scalar_t>>;
-
-// Rows per partial (grad_weight, grad_bias) sum: the scratch is N / kRowsPerChunk × 2C acc_t,
-// a few percent of the traffic of x, grad_y and grad_x.
-constexpr int64_t kRowsPerChunk = 32;
-
-// Loads the n <= AccVec::size() elements at p as acc_t; lanes past n are zero.
-template <typename scalar_t>
-inline AccVec<scalar_t> load(const scalar_t* p, int64_t n) {
-  using Vec = AccVec<scalar_t>;
-  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
-    return Vec::loadu(p, n);
-  } else {
-    if (n == Vec::size()) {
-      Vec v;
-      at::vec::load_to_float(p, v);
-      return v;
-    }
-    return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p, n)));
-  }
-}
-
-// Stores the first n lanes of v at p, rounded to scalar_t.
-template <typename scalar_t>
-inline void store(scalar_t* p, const AccVec<scalar_t>& v, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_t<scalar_t>>) {
-    v.store(p, n);
-  } else {
-    at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
-  }
-}
-
-// Calls f(j, n) for the blocks [j, j + n) of a row of C columns: full blocks of Vec::size(),
-// then the tail (n < Vec::size()). Inlined, n is a constant in the main loop.
-template <typename Vec, typename F>
-inline void for_each_block(int64_t C, const F& f) {
-  constexpr int64_t V = Vec::size();
-  int64_t j = 0;
-  for (; j + V <= C; j += V) f(j, V);
-  if (j < C) f(j, C - j);
-}
-
-// Σ over the blocks of a row of f(j, n) (an Acc per block, zero in lanes past n), kept in four
-// independent accumulators so that consecutive adds do not wait on each other's latency.
-template <typename Vec, typename Acc, typename F>
-inline Acc sum_blocks(int64_t C, const Acc& zero, const F& f) {
-  constexpr int64_t V = Vec::size();
-  Acc acc0 = zero, acc1 = zero, acc2 = zero, acc3 = zero;
-  int64_t j = 0;
-  for (; j + 4 * V <= C; j += 4 * V) {
-    acc0 = acc0 + f(j, V);
-    acc1 = acc1 + f(j + V, V);
-    acc2 = acc2 + f(j + 2 * V, V);
-    acc3 = acc3 + f(j + 3 * V, V);
-  }
-  for (; j + V <= C; j += V) acc0 = acc0 + f(j, V);
-  if (j < C) acc0 = acc0 + f(j, C - j);
-  return (acc0 + acc1) + (acc2 + acc3);
-}
-
-template <typename Vec>
-inline typename Vec::value_type horizontal_sum(const Vec& v) {
-  return at::vec::vec_reduce_all<typename Vec::value_type>([](const Vec& a, const Vec& b) { return a + b; }, v);
-}
-
-// Two or three row sums carried through one pass.
-template <typename Vec, int K>
-struct Sums {
-  Vec v[K];
-  Sums operator+(const Sums& o) const {
-    Sums r;
-    for (int k = 0; k < K; ++k) r.v[k] = v[k] + o.v[k];
-    return r;
-  }
-  static Sums zero() {
-    Sums r;
-    for (int k = 0; k < K; ++k) r.v[k] = Vec(0);
-    return r;
-  }
-};
 
 template <typename scalar_t>
 void layer_norm_fwd_rows(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, scalar_t* y,
@@ -144,34 +52,31 @@ void layer_norm_fwd_rows(const scalar_t* x, const scalar_t* weight, const scalar
                          acc_t<scalar_t> eps) {
   using acc = acc_t<scalar_t>;
   using Vec = AccVec<scalar_t>;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* x_row = x + row * C;  // (C,)
-      scalar_t* y_row = y + row * C;        // (C,)
-      const acc m = horizontal_sum(sum_blocks<Vec>(C, Vec(0), [&](int64_t j, int64_t n) {
-                      return load(x_row + j, n);
-                    })) / C;
-      const Vec m_vec(m);
-      // v[0] = Σd, v[1] = Σd² with d = x - m; lanes past the row's end are masked to zero.
-      const auto d_sums = sum_blocks<Vec>(C, Sums<Vec, 2>::zero(), [&](int64_t j, int64_t n) {
-        Vec d = load(x_row + j, n) - m_vec;
-        if (n < Vec::size()) d = Vec::set(Vec(0), d, n);
-        return Sums<Vec, 2>{{d, d * d}};
-      });
-      const acc c = horizontal_sum(d_sums.v[0]) / C;
-      const acc var = std::max(horizontal_sum(d_sums.v[1]) / C - c * c, acc(0));
-      const acc rstd = acc(1) / std::sqrt(var + eps);
-      mean_out[row] = m + c;
-      rstd_out[row] = rstd;
-      const Vec c_vec(c), rstd_vec(rstd);
-      // x - m first: exact when x and m are close, so the large common offset cancels before
-      // the small correction c is taken off.
-      for_each_block<Vec>(C, [&](int64_t j, int64_t n) {
-        const Vec x_hat = ((load(x_row + j, n) - m_vec) - c_vec) * rstd_vec;
-        store(y_row + j, at::vec::fmadd(x_hat, load(weight + j, n), load(bias + j, n)), n);
-      });
-    }
+  parallel_rows(N, C, [&](int64_t row) {
+    const scalar_t* x_row = x + row * C;  // (C,)
+    scalar_t* y_row = y + row * C;        // (C,)
+    const acc m = horizontal_sum(sum_blocks<Vec>(C, Vec(0), [&](int64_t j, int64_t n) {
+                    return load(x_row + j, n);
+                  })) / C;
+    const Vec m_vec(m);
+    // v[0] = Σd, v[1] = Σd² with d = x - m; lanes past the row's end are masked to zero.
+    const auto d_sums = sum_blocks<Vec>(C, Sums<Vec, 2>::zero(), [&](int64_t j, int64_t n) {
+      Vec d = load(x_row + j, n) - m_vec;
+      if (n < Vec::size()) d = Vec::set(Vec(0), d, n);
+      return Sums<Vec, 2>{{d, d * d}};
+    });
+    const acc c = horizontal_sum(d_sums.v[0]) / C;
+    const acc var = std::max(horizontal_sum(d_sums.v[1]) / C - c * c, acc(0));
+    const acc rstd = acc(1) / std::sqrt(var + eps);
+    mean_out[row] = m + c;
+    rstd_out[row] = rstd;
+    const Vec c_vec(c), rstd_vec(rstd);
+    // x - m first: exact when x and m are close, so the large common offset cancels before
+    // the small correction c is taken off.
+    for_each_block<Vec>(C, [&](int64_t j, int64_t n) {
+      const Vec x_hat = ((load(x_row + j, n) - m_vec) - c_vec) * rstd_vec;
+      store(y_row + j, at::vec::fmadd(x_hat, load(weight + j, n), load(bias + j, n)), n);
+    });
   });
 }
 
@@ -200,59 +105,34 @@ void layer_norm_bwd_rows(const scalar_t* grad_y, const scalar_t* x, const scalar
                          scalar_t* grad_weight, scalar_t* grad_bias, int64_t N, int64_t C) {
   using acc = acc_t<scalar_t>;
   using Vec = AccVec<scalar_t>;
-  const int64_t num_chunks = (N + kRowsPerChunk - 1) / kRowsPerChunk;
-  // (num_chunks, 2, C): per chunk, Σ grad_y · x̂ then Σ grad_y over the chunk's rows.
-  const at::Tensor partials_buffer =
-      at::empty({num_chunks, 2, C}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
-  acc* partials = partials_buffer.mutable_data_ptr<acc>();
-  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      acc* dw_part = partials + chunk * 2 * C;  // (C,)
-      acc* db_part = dw_part + C;               // (C,)
-      std::fill(dw_part, dw_part + 2 * C, acc(0));
-      const int64_t row_end = std::min(N, (chunk + 1) * kRowsPerChunk);
-      for (int64_t row = chunk * kRowsPerChunk; row < row_end; ++row) {
-        const scalar_t* x_row = x + row * C;        // (C,)
-        const scalar_t* dy_row = grad_y + row * C;  // (C,)
-        scalar_t* dx_row = grad_x + row * C;        // (C,)
-        const Vec mean_vec(mean[row]);
-        // v[0] = Σg, v[1] = Σg·d, v[2] = Σd with g = dy·w, d = x - mean_saved (zero past the row's end).
-        const auto sums = sum_blocks<Vec>(C, Sums<Vec, 3>::zero(), [&](int64_t j, int64_t n) {
-          const Vec g = load(dy_row + j, n) * load(weight + j, n);
-          Vec d = load(x_row + j, n) - mean_vec;
-          if (n < Vec::size()) d = Vec::set(Vec(0), d, n);
-          return Sums<Vec, 3>{{g, g * d, d}};
-        });
-        const acc r = rstd[row];
-        const acc c = horizontal_sum(sums.v[2]) / C;  // mean - mean_saved
-        const acc sum_g = horizontal_sum(sums.v[0]);
-        const acc mean_g = sum_g / C;
-        const acc mean_g_xhat = r * (horizontal_sum(sums.v[1]) - c * sum_g) / C;
-        const Vec r_vec(r), c_vec(c), mean_g_vec(mean_g), mean_g_xhat_vec(mean_g_xhat);
-        for_each_block<Vec>(C, [&](int64_t j, int64_t n) {
-          const Vec dy = load(dy_row + j, n);
-          const Vec x_hat = ((load(x_row + j, n) - mean_vec) - c_vec) * r_vec;
-          const Vec g = dy * load(weight + j, n);
-          store(dx_row + j, r_vec * (g - mean_g_vec - x_hat * mean_g_xhat_vec), n);
-          at::vec::fmadd(dy, x_hat, Vec::loadu(dw_part + j, n)).store(dw_part + j, n);
-          (Vec::loadu(db_part + j, n) + dy).store(db_part + j, n);
-        });
-      }
-    }
-  });
-  // grad_weight, grad_bias (C,): Σ over chunks, in chunk order, for each block of columns.
-  const int64_t column_grain =
-      std::max<int64_t>(Vec::size(), at::internal::GRAIN_SIZE / std::max<int64_t>(num_chunks, 1));
-  at::parallel_for(0, C, column_grain, [&](int64_t col_begin, int64_t col_end) {
-    for_each_block<Vec>(col_end - col_begin, [&](int64_t j0, int64_t n) {
-      const int64_t j = col_begin + j0;
-      Vec dw(0), db(0);
-      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-        dw = dw + Vec::loadu(partials + chunk * 2 * C + j, n);
-        db = db + Vec::loadu(partials + chunk * 2 * C + C + j, n);
-      }
-      store(grad_weight + j, dw, n);
-      store(grad_bias + j, db, n);
+  // Each row adds dy · x̂ and dy into its chunk's partial (2, C): grad_weight, then grad_bias.
+  rows_with_column_sums<scalar_t>(N, C, {grad_weight, grad_bias}, [&](int64_t row, acc* partial) {
+    acc* dw_part = partial;      // (C,)
+    acc* db_part = partial + C;  // (C,)
+    const scalar_t* x_row = x + row * C;        // (C,)
+    const scalar_t* dy_row = grad_y + row * C;  // (C,)
+    scalar_t* dx_row = grad_x + row * C;        // (C,)
+    const Vec mean_vec(mean[row]);
+    // v[0] = Σg, v[1] = Σg·d, v[2] = Σd with g = dy·w, d = x - mean_saved (zero past the row's end).
+    const auto sums = sum_blocks<Vec>(C, Sums<Vec, 3>::zero(), [&](int64_t j, int64_t n) {
+      const Vec g = load(dy_row + j, n) * load(weight + j, n);
+      Vec d = load(x_row + j, n) - mean_vec;
+      if (n < Vec::size()) d = Vec::set(Vec(0), d, n);
+      return Sums<Vec, 3>{{g, g * d, d}};
+    });
+    const acc r = rstd[row];
+    const acc c = horizontal_sum(sums.v[2]) / C;  // mean - mean_saved
+    const acc sum_g = horizontal_sum(sums.v[0]);
+    const acc mean_g = sum_g / C;
+    const acc mean_g_xhat = r * (horizontal_sum(sums.v[1]) - c * sum_g) / C;
+    const Vec r_vec(r), c_vec(c), mean_g_vec(mean_g), mean_g_xhat_vec(mean_g_xhat);
+    for_each_block<Vec>(C, [&](int64_t j, int64_t n) {
+      const Vec dy = load(dy_row + j, n);
+      const Vec x_hat = ((load(x_row + j, n) - mean_vec) - c_vec) * r_vec;
+      const Vec g = dy * load(weight + j, n);
+      store(dx_row + j, r_vec * (g - mean_g_vec - x_hat * mean_g_xhat_vec), n);
+      at::vec::fmadd(dy, x_hat, Vec::loadu(dw_part + j, n)).store(dw_part + j, n);
+      (Vec::loadu(db_part + j, n) + dy).store(db_part + j, n);
     });
   });
 }

@@ -159,9 +159,9 @@ def environment_lines(env: dict) -> list[str]:
             f"- git commit: {env['git_commit'] or 'unknown'}; date {env['date']}"]
 
 
-def usable_backends(requested: str | None, device: torch.device, candidates: Iterable[str] = backends.NAMES
-                    ) -> tuple[list[str], dict[str, str]]:
-    """(backends to measure, {backend: why it is unavailable on this device}).
+def usable_backends(requested: str | None, device: torch.device, candidates: Iterable[str] = backends.NAMES,
+                    op: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """(backends to measure, {backend: why it is unavailable on this device or has no kernel for `op`}).
 
     requested: comma-separated names, or None for every candidate available on the device
     (then a backend that never runs on this kind of device, cuda on the CPU, is not listed)."""
@@ -175,10 +175,13 @@ def usable_backends(requested: str | None, device: torch.device, candidates: Ite
         raise SystemExit(f"error: unknown backend(s) {', '.join(unknown)}; expected some of {', '.join(backends.NAMES)}")
     usable, unavailable = [], {}
     for name in names:
-        if device.type in report[name]["devices"]:
-            usable.append(name)
-        else:
+        lacks = backends.REGISTRY[name].lacks(op) if op is not None else None
+        if device.type not in report[name]["devices"]:
             unavailable[name] = backends.REGISTRY[name].why_not(device.type) or report[name]["reason"]
+        elif lacks is not None:
+            unavailable[name] = lacks
+        else:
+            usable.append(name)
     return usable, unavailable
 
 
@@ -256,6 +259,73 @@ def time_call(fn: Callable[[], object], device: torch.device, *, repeats: int | 
         elif len(times) >= max_repeats or (len(times) >= min_repeats and spent >= target_s):
             break
     return Timing(statistics.median(times), len(times))
+
+
+def warm_median_s(fn: Callable[[], object], device: torch.device, repeats: int | None, target_s: float) -> float:
+    """Median seconds of fn() after two warm-up calls (see time_call)."""
+    for _ in range(2):
+        fn()
+    synchronize(device)
+    return time_call(fn, device, repeats=repeats, target_s=target_s).median_s
+
+
+# ---- bandwidth-bound kernels (the norms): GB/s against the copy bandwidth --------------
+
+OK, OOM, ERROR = "ok", "OOM", "error"
+
+
+def copy_bandwidth(x: torch.Tensor, device: torch.device, repeats: int | None, target_s: float) -> dict:
+    """The ceiling of a memory-bound kernel on x: dst.copy_(x) reads and writes x once."""
+    destination = torch.empty_like(x)
+    nbytes = 2 * x.numel() * x.element_size()
+    seconds = warm_median_s(lambda: destination.copy_(x), device, repeats, target_s)
+    return {"bytes": nbytes, "time_us": seconds * 1e6, "gb_per_s": nbytes / seconds / 1e9}
+
+
+def measure_bandwidth(row: dict, make_call: Callable[[], Callable[[], object]], nbytes: int, device: torch.device,
+                      repeats: int | None, target_s: float, copy_gb_per_s: float) -> dict:
+    """Times the call make_call() builds into `row`: status ok with time_us, gb_per_s (nbytes /
+    median time) and percent_of_copy; or status OOM / error with a note (the sweep goes on)."""
+    row["bytes"] = nbytes
+    try:
+        seconds = warm_median_s(make_call(), device, repeats, target_s)
+    except Exception as error:  # noqa: BLE001 - every failure becomes a row; the sweep goes on
+        oom = is_out_of_memory(error)
+        if oom:
+            release_memory(device)
+        row.update(status=OOM if oom else ERROR,
+                   note=f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}")
+        return row
+    gbs = nbytes / seconds / 1e9
+    row.update(status=OK, time_us=seconds * 1e6, gb_per_s=gbs, percent_of_copy=100 * gbs / copy_gb_per_s)
+    return row
+
+
+def add_speedups(results: list[dict], baseline: str, group: Sequence[str], field: str = "speedup_vs_torch") -> None:
+    """row[field] = the baseline impl's time / the row's time, among rows that agree on `group`."""
+    times = {tuple(r[k] for k in group): r["time_us"] for r in results if r["impl"] == baseline and r["status"] == OK}
+    for row in results:
+        base = times.get(tuple(row[k] for k in group))
+        if row["status"] == OK and base is not None:
+            row[field] = base / row["time_us"]
+
+
+def bandwidth_cell(row: dict) -> str:
+    """'123 (45%)': GB/s and % of copy, or the failure status."""
+    return f"{fmt(row['gb_per_s'])} ({row['percent_of_copy']:.0f}%)" if row["status"] == OK else row["status"]
+
+
+def speedup_cell(row: dict, field: str = "speedup_vs_torch") -> str:
+    speedup = row.get(field)
+    return f"{speedup:.2f}x" if speedup is not None else "—"
+
+
+def failure_lines(results: list[dict], describe: Callable[[dict], str]) -> str:
+    """The 'Failures:' section of a result table ('' when every point ran)."""
+    failures = [r for r in results if r["status"] != OK]
+    if not failures:
+        return ""
+    return "Failures:\n\n" + "\n".join(f"- {describe(r)}: {r['status']}: {r['note']}" for r in failures)
 
 
 # ---- memory ----------------------------------------------------------------------------

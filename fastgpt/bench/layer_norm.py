@@ -32,7 +32,6 @@ CHANNELS = (768, 1024, 1600, 4096, 8192)
 DEFAULT_ROWS = {"cpu": (4096,), "cuda": (4096, 8192, 16384)}
 # The sdpa backend's layer norm is F.layer_norm itself: the baseline covers it.
 DEFAULT_BACKENDS = ("naive", "cpu", "cuda", "triton")
-OK, OOM, ERROR = "ok", "OOM", "error"
 
 LayerNormFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -51,14 +50,6 @@ def torch_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
 
 def fastgpt_layer_norm(backend: str) -> LayerNormFn:
     return lambda x, weight, bias: fastgpt.layer_norm(x, weight, bias, 1e-5, backend=backend)
-
-
-def _timed(fn: Callable[[], object], device: torch.device, repeats: int | None, target_s: float) -> float:
-    """Median seconds of fn() after warm-up calls."""
-    for _ in range(2):
-        fn()
-    common.synchronize(device)
-    return common.time_call(fn, device, repeats=repeats, target_s=target_s).median_s
 
 
 def _pass_call(impl: LayerNormFn, x, weight, bias, grad_y, pass_: str) -> Callable[[], object]:
@@ -83,36 +74,13 @@ def measure_shape(impls: dict[str, LayerNormFn], rows: int, C: int, dtype: torch
     x = randn(rows, C)  # (rows, C)
     weight, bias = 1 + 0.1 * randn(C), 0.1 * randn(C)  # (C,)
     grad_y = randn(rows, C)  # (rows, C)
-    destination = torch.empty_like(x)
-    copy_bytes = 2 * x.numel() * x.element_size()
-    copy_s = _timed(lambda: destination.copy_(x), device, repeats, target_s)
-    copy = {"rows": rows, "C": C, "bytes": copy_bytes, "time_us": copy_s * 1e6, "gb_per_s": copy_bytes / copy_s / 1e9}
-    del destination
-    results = []
-    for pass_ in PASSES:
-        nbytes = layer_norm_bytes(rows, C, dtype, pass_)
-        for name, impl in impls.items():
-            row = {"rows": rows, "C": C, "pass": pass_, "impl": name, "bytes": nbytes}
-            failure = None
-            try:
-                seconds = _timed(_pass_call(impl, x, weight, bias, grad_y, pass_), device, repeats, target_s)
-            except Exception as error:  # noqa: BLE001 - every failure becomes a row; the sweep goes on
-                message = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
-                failure = {"status": OOM if common.is_out_of_memory(error) else ERROR, "note": message}
-            if failure is not None:
-                if failure["status"] == OOM:
-                    common.release_memory(device)
-                row.update(failure)
-            else:
-                gbs = nbytes / seconds / 1e9
-                row.update(status=OK, time_us=seconds * 1e6, gb_per_s=gbs,
-                           percent_of_copy=100 * gbs / copy["gb_per_s"])
-            results.append(row)
-    times = {(r["pass"], r["impl"]): r["time_us"] for r in results if r["status"] == OK}
-    for row in results:
-        base = times.get((row["pass"], BASELINE))
-        if row["status"] == OK and base is not None:
-            row["speedup_vs_torch"] = base / row["time_us"]
+    copy = {"rows": rows, "C": C, **common.copy_bandwidth(x, device, repeats, target_s)}
+    results = [common.measure_bandwidth({"rows": rows, "C": C, "pass": pass_, "impl": name},
+                                        lambda: _pass_call(impl, x, weight, bias, grad_y, pass_),
+                                        layer_norm_bytes(rows, C, dtype, pass_), device, repeats, target_s,
+                                        copy["gb_per_s"])
+               for pass_ in PASSES for name, impl in impls.items()]
+    common.add_speedups(results, BASELINE, ("rows", "C", "pass"))
     return copy, results
 
 
@@ -126,22 +94,14 @@ def tables(copies: list[dict], results: list[dict], impl_names: list[str]) -> st
             cells = {r["impl"]: r for r in results
                      if r["pass"] == pass_ and r["rows"] == copy["rows"] and r["C"] == copy["C"]}
             line = [copy["rows"], copy["C"], common.fmt(copy["gb_per_s"])]
-            for name in impl_names:
-                r = cells[name]
-                line.append(f"{common.fmt(r['gb_per_s'])} ({r['percent_of_copy']:.0f}%)" if r["status"] == OK
-                            else r["status"])
-            for name in others:
-                speedup = cells[name].get("speedup_vs_torch")
-                line.append(f"{speedup:.2f}x" if speedup is not None else "—")
+            line += [common.bandwidth_cell(cells[name]) for name in impl_names]
+            line += [common.speedup_cell(cells[name]) for name in others]
             body.append(line)
         headers = (["rows", "C", "copy GB/s"] + [f"{n} GB/s (% of copy)" for n in impl_names]
                    + [f"{n} vs torch" for n in others])
         parts.append(f"### {title} ({pass_})\n\n" + common.markdown_table(headers, body))
-    failures = [r for r in results if r["status"] != OK]
-    if failures:
-        parts.append("Failures:\n\n" + "\n".join(
-            f"- {r['impl']} {r['pass']} rows={r['rows']} C={r['C']}: {r['status']}: {r['note']}" for r in failures))
-    return "\n\n".join(parts)
+    failures = common.failure_lines(results, lambda r: f"{r['impl']} {r['pass']} rows={r['rows']} C={r['C']}")
+    return "\n\n".join(parts + ([failures] if failures else []))
 
 
 def markdown(data: dict, impl_names: list[str]) -> str:
