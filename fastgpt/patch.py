@@ -1,7 +1,7 @@
 """patch(model) / unpatch(model): slot fastgpt's fused modules into an existing model in place,
 and take them out again.
 
-patch() swaps the layer norms and book-style attention modules of a model for fastgpt.nn's,
+patch() swaps the layer norms, RMS norms and book-style attention modules of a model for fastgpt.nn's,
 keeping the very same Parameter objects (so an optimizer built before the patch keeps
 working), and only where a probe proves the swap computes what the original computed; it
 reports what it swapped and what it left alone, and why. unpatch() puts the originals back,
@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .backends import check_backend_name
-from .nn import _QKV, CausalAttention, LayerNorm, MultiHeadAttention
+from .nn import _QKV, CausalAttention, GroupedQueryAttention, LayerNorm, MultiHeadAttention, RMSNorm
 
 # Attribute of a swapped-in module holding the module it replaced. Set in the instance __dict__,
 # not as a submodule, so the original stays out of state_dict(), modules() and .to().
@@ -119,13 +121,14 @@ def _interface_mismatch(old: nn.Module, new: nn.Module) -> str | None:
     return None
 
 
-def _compare(old: nn.Module, new: nn.Module, example: torch.Tensor) -> str | None:
+def _compare(old: nn.Module, new: nn.Module, example: torch.Tensor | tuple) -> str | None:
+    args = example if isinstance(example, tuple) else (example,)
     try:
-        want = old(example)
+        want = old(*args)
     except Exception as error:  # a module that cannot run the probe is not proven equal: leave it
         return f"its forward raised {type(error).__name__}: {error}"
     try:
-        got = new(example)
+        got = new(*args)
     except Exception as error:
         return f"the fused module raised {type(error).__name__}: {error}"
     if not isinstance(want, torch.Tensor):
@@ -140,20 +143,22 @@ def _compare(old: nn.Module, new: nn.Module, example: torch.Tensor) -> str | Non
     return None
 
 
-def _probe_mismatch(old: nn.Module, new: nn.Module, examples: list[torch.Tensor]) -> str | None:
+def _probe_mismatch(old: nn.Module, new: nn.Module, examples: list) -> str | None:
     """Why `new` is not a faithful replacement of `old` on the probe inputs (None when it is).
+    An example is the input tensor, or the tuple of forward's arguments (x first).
 
     Both run without grad on every example in eval mode, then in train mode with every dropout
     probability at 0: their dropouts draw from different RNGs (torch's, fastgpt's Philox) and
     cannot agree bit for bit, but with p = 0 whatever else training changes is compared. Dropout
     probabilities, every submodule's training flag and torch's global RNG state are restored."""
-    if examples[0].device.type == "meta":
+    first = examples[0][0] if isinstance(examples[0], tuple) else examples[0]
+    if first.device.type == "meta":
         return None  # no data to compare: the structural checks stand alone
     modules = list({id(m): m for m in (*old.modules(), *new.modules())}.values())
     flags = [(m, m.training) for m in modules]
     rates = [(m, "p", m.p) for m in modules if isinstance(m, nn.modules.dropout._DropoutNd)]
     rates += [(m, "dropout", m.dropout) for m in (old, new) if isinstance(getattr(m, "dropout", None), float)]
-    devices = [examples[0].device] if examples[0].device.type == "cuda" else []
+    devices = [first.device] if first.device.type == "cuda" else []
     try:
         # An original whose forward draws random numbers must not move the caller's RNG streams.
         with torch.random.fork_rng(devices=devices), torch.no_grad():
@@ -165,7 +170,7 @@ def _probe_mismatch(old: nn.Module, new: nn.Module, examples: list[torch.Tensor]
                     why = _compare(old, new, example)
                     if why:
                         mode = "train mode, dropout off" if training else "eval mode"
-                        tokens = example.shape[-2]
+                        tokens = (example[0] if isinstance(example, tuple) else example).shape[-2]
                         return f"on a probe input of {tokens} token{'s' * (tokens != 1)} ({mode}) {why}"
     finally:
         for m, training in flags:
@@ -188,7 +193,7 @@ def _attention_probes(d_in: int, context_length: int | None, like: torch.Tensor)
     return [_probe_input((2 if tokens < longest else 1, tokens, d_in), like) for tokens in lengths]
 
 
-def _verified(old: nn.Module, new: nn.Module, examples: list[torch.Tensor], what: str) -> tuple[nn.Module | None, str]:
+def _verified(old: nn.Module, new: nn.Module, examples: list, what: str) -> tuple[nn.Module | None, str]:
     """`new` with `old`'s training flags when it can stand in for `old`, else None and why not."""
     _adopt_training(new, old)
     why = _interface_mismatch(old, new) or _probe_mismatch(old, new, examples)
@@ -296,6 +301,283 @@ def _fused_qkv_attention(module: nn.Module, backend: str) -> tuple[nn.Module | N
     return _verified(module, new, examples, "a causal attention on the book's fused qkv")
 
 
+# ---- RMS norms -----------------------------------------------------------------------------
+
+def _torch_rms_norm(module: nn.RMSNorm, backend: str) -> tuple[nn.Module | None, str]:
+    if len(module.normalized_shape) != 1:
+        return None, (f"normalises over {len(module.normalized_shape)} dims {tuple(module.normalized_shape)}; "
+                      f"fastgpt normalises over the last dim only")
+    new = RMSNorm(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
+                  device="meta", backend=backend)
+    new.weight = module.weight
+    C = module.normalized_shape[0]
+    like = module.weight if module.weight is not None else torch.empty(0)
+    return _verified(module, new, [_probe_input((2, 3, C), like)], "an RMS norm over the last dim")
+
+
+def _book_rms_norm(module: nn.Module, backend: str) -> tuple[nn.Module | None, str]:
+    """A fastgpt RMSNorm sharing the weight of an RMSNorm written as the book (`scale`, `eps`) or
+    transformers (`weight`, `eps` / `variance_epsilon`) write them, x̂ · w or Gemma's x̂ · (1 + w):
+    the probe decides which offset (0 or 1), or None and why not."""
+    weight = getattr(module, "scale", None)
+    weight = weight if isinstance(weight, nn.Parameter) else getattr(module, "weight", None)
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    if not (isinstance(weight, nn.Parameter) and weight.dim() == 1 and isinstance(eps, float)):
+        return None, "an RMS norm without a (C,) `scale` or `weight` Parameter and a float `eps`"
+    if getattr(module, "shift", None) is not None or getattr(module, "bias", None) is not None:
+        return None, "it adds a shift (bias) after the scale; fastgpt.rms_norm has none"
+    examples = [_probe_input((2, 3, weight.shape[0]), weight)]
+    why = ""
+    for offset in (0.0, 1.0):
+        new = RMSNorm(weight.shape[0], eps=eps, offset=offset, device="meta", backend=backend)
+        new.weight = weight
+        swapped, why = _verified(module, new, examples, f"x * rsqrt(mean(x²) + eps) * ({offset:g} + weight)")
+        if swapped is not None:
+            return swapped, ""
+    return None, why
+
+
+# ---- the book's later attention interfaces ----------------------------------------------------
+# The book's Llama 3 / Qwen 3 / Gemma 3 attentions take forward(x, mask, cos, sin) from their model;
+# its chapter-4 KV-cache attentions (ch04/03_kv-cache, 04_gqa, 06_swa) keep their own cache behind
+# forward(x, use_cache=False) and reset_cache(). These subclasses of fastgpt.nn's attention have those
+# interfaces, so that patch() can put them where the book's modules were.
+
+def _mask_window(mask: torch.Tensor, T: int) -> tuple[bool, int | None]:
+    """(True, window) when `mask` (bool, True = hidden), cut to its first (T, T) block as the book's
+    Llama 3 does, is causal attention with that sliding window (None: plain causal): query i hides
+    exactly the keys j > i and j <= i - window. (False, None) for any other mask."""
+    if mask.dtype != torch.bool or mask.dim() < 2 or any(n != 1 for n in mask.shape[:-2]) \
+            or mask.shape[-2] < T or mask.shape[-1] < T:
+        return False, None
+    hidden = mask.reshape(mask.shape[-2:])[:T, :T]
+    seen = T - int(hidden[-1].sum())  # keys the last query sees: min(T, window)
+    if seen < 1:
+        return False, None
+    positions = torch.arange(T, device=mask.device)
+    behind = positions[:, None] - positions[None, :]
+    if not torch.equal(hidden, (behind < 0) | (behind >= seen)):
+        return False, None
+    return True, (None if seen >= T else seen)
+
+
+class _MaskVerdicts:
+    """_mask_window of the masks seen lately: a model hands the same mask tensor to every layer, so
+    the (T, T) comparison runs once per forward, not once per layer. Keyed by the tensor itself (a
+    weak reference, its version counter and T): a new or modified mask is checked again."""
+
+    def __init__(self, size: int = 8):
+        self.size, self.entries = size, {}
+
+    def __call__(self, mask: torch.Tensor, T: int) -> tuple[bool, int | None]:
+        entry = self.entries.get(id(mask))
+        if entry is not None and entry[0]() is mask and entry[1:3] == (mask._version, T):
+            return entry[3]
+        verdict = _mask_window(mask, T)
+        if len(self.entries) >= self.size:
+            self.entries.clear()
+        self.entries[id(mask)] = (weakref.ref(mask), mask._version, T, verdict)
+        return verdict
+
+
+_MASK_VERDICTS = _MaskVerdicts()
+_warned: set[str] = set()
+
+
+class BookRopeAttention(GroupedQueryAttention):
+    """fastgpt's grouped-query attention behind the book's forward(x, mask, cos, sin) (Llama 3,
+    Qwen 3, Gemma 3): RoPE from the model's (context, head_dim) tables cut to T, causality and the
+    sliding window read off the boolean mask (True = hidden). A mask that is not causal attention
+    with a window runs the replaced module instead, with a warning: never a different result."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        T = x.shape[1]
+        causal, window = _MASK_VERDICTS(mask, T)
+        if not causal:
+            original = vars(self).get(_ORIGINAL)
+            if original is None:
+                raise ValueError("fastgpt BookRopeAttention: mask must be causal, with or without a sliding "
+                                 f"window (True = hidden, as the book builds it), got shape {tuple(mask.shape)}")
+            key = f"{type(original).__name__}: mask"
+            if key not in _warned:
+                _warned.add(key)
+                warnings.warn(f"fastgpt.patch: a {type(original).__name__} got a mask that is not causal with a "
+                              "sliding window; such calls run the original module", RuntimeWarning, stacklevel=2)
+            return original(x, mask, cos, sin)
+        q, k, v = self.project(x, (cos[:T], sin[:T]))
+        return self.attend(q, k, v, window)
+
+
+class BookCachedAttention(MultiHeadAttention):
+    """fastgpt's attention behind the book's KV-cache interface (ch04/03_kv-cache, 04_gqa, 06_swa):
+    forward(x, use_cache=False) and reset_cache(). A cached call appends its keys and values (the
+    num_kv_groups heads, never repeated) to cache_k / cache_v (B, Hkv, T, head_dim) and attends to
+    all of them; with a `sliding_window_size` W the attention sees the last W keys of each query
+    and the cache keeps only the last W (what the next call can still see), as ch04/06_swa's does.
+    An uncached call attends to its own tokens only and leaves the cache alone. The book's variants
+    differ on what a cached call means right after an uncached one (ch04/04_gqa starts afresh,
+    ch04/03 continues): that call raises until reset_cache(), as every book generate function does
+    first."""
+
+    def __init__(self, *args, sliding_window_size: int | None = None, **options):
+        super().__init__(*args, **options)
+        self.sliding_window_size = sliding_window_size
+        self.register_buffer("cache_k", None, persistent=False)
+        self.register_buffer("cache_v", None, persistent=False)
+        self.ptr_current_pos = 0
+        self._uncached_since_cache = False
+
+    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        window = self.sliding_window_size
+        q, k, v = self.project(x)
+        if not use_cache:
+            self._uncached_since_cache = self.cache_k is not None
+            return self.attend(q, k, v, window)
+        if self._uncached_since_cache:
+            raise RuntimeError("fastgpt BookCachedAttention: a cached call after an uncached one; call "
+                               "reset_cache() (the model's reset_kv_cache()) before generating again")
+        if self.cache_k is not None:
+            k, v = torch.cat([self.cache_k, k], dim=2), torch.cat([self.cache_v, v], dim=2)
+        keep = k.shape[2] if window is None else min(k.shape[2], window)
+        self.cache_k, self.cache_v = k[:, :, -keep:], v[:, :, -keep:]
+        self.ptr_current_pos += x.shape[1]
+        return self.attend(q, k, v, window)
+
+    def reset_cache(self) -> None:
+        self.cache_k = self.cache_v = None
+        self.ptr_current_pos = 0
+        self._uncached_since_cache = False
+
+
+def _forward_parameters(module: nn.Module) -> list[str]:
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def _projections(module: nn.Module) -> tuple[tuple[nn.Linear, ...], int, int, int] | str:
+    """(W_query, W_key, W_value, out_proj), num_heads, num_kv_groups, head_dim of a book attention
+    module, or why it does not have them."""
+    linears = tuple(getattr(module, name, None) for name in (*_QKV, "out_proj"))
+    if not all(isinstance(w, nn.Linear) for w in linears):
+        return "W_query / W_key / W_value / out_proj are not all nn.Linear"
+    num_heads = getattr(module, "num_heads", None)
+    num_kv_groups = getattr(module, "num_kv_groups", num_heads)
+    if not (isinstance(num_heads, int) and isinstance(num_kv_groups, int) and num_kv_groups > 0
+            and num_heads % num_kv_groups == 0):
+        return "no int num_heads that is a multiple of an int num_kv_groups"
+    W_query, W_key, W_value, out_proj = linears
+    head_dim = W_query.out_features // num_heads
+    d_in = W_query.in_features
+    if W_query.out_features != num_heads * head_dim or any(
+            (w.in_features, w.out_features) != (d_in, num_kv_groups * head_dim) for w in (W_key, W_value)) \
+            or out_proj.in_features != num_heads * head_dim or getattr(module, "head_dim", head_dim) != head_dim:
+        return (f"W_query ({d_in} -> {W_query.out_features}), W_key / W_value and out_proj are not the shapes of "
+                f"{num_heads} query and {num_kv_groups} key/value heads")
+    if (W_query.bias is None) != (W_key.bias is None) or (W_key.bias is None) != (W_value.bias is None):
+        return "W_query, W_key and W_value do not all have (or all lack) a bias"
+    return linears, num_heads, num_kv_groups, head_dim
+
+
+def _share(new: nn.Module, linears: tuple[nn.Linear, ...]) -> None:
+    new.W_query, new.W_key, new.W_value, new.out_proj = linears
+
+
+def _norm_of(module: nn.Module | None, backend: str) -> nn.Module | None:
+    """QK-norm of a book attention: fastgpt's RMSNorm when it can stand in, else the module itself."""
+    if module is None:
+        return None
+    new, _ = _replacement(module, backend)
+    return module if new is None else new
+
+
+def _book_rope_attention(module: nn.Module, backend: str) -> tuple[nn.Module | None, str]:
+    found = _projections(module)
+    if isinstance(found, str):
+        return None, found
+    linears, num_heads, num_kv_groups, head_dim = found
+    if head_dim % 2:
+        return None, f"head_dim {head_dim} is odd: RoPE rotates pairs"
+    q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
+    if (q_norm is None) != (k_norm is None):
+        return None, "it has only one of q_norm / k_norm"
+    d_in = linears[0].in_features
+    new = BookRopeAttention(d_in, num_heads, num_kv_groups, head_dim, qkv_bias=linears[0].bias is not None,
+                            context_length=getattr(module, "context_length", None), backend=backend, device="meta")
+    _share(new, linears)
+    new.d_out = linears[3].out_features
+    new.q_norm, new.k_norm = _norm_of(q_norm, backend), _norm_of(k_norm, backend)
+    scaling = getattr(module, "scaling", None)  # Gemma 3: query_pre_attn_scalar ** -0.5
+    if isinstance(scaling, float):
+        new.scale = scaling
+    like = linears[0].weight
+    T = 37
+    angles = torch.arange(T)[:, None] * 10_000 ** (-torch.arange(0, head_dim, 2) / head_dim)[None, :]
+    angles = torch.cat([angles, angles], dim=1).to(like.device)
+    cos, sin = angles.cos(), angles.sin()
+    causal = torch.ones(T, T, dtype=torch.bool, device=like.device).triu(diagonal=1)
+    sliding = causal | torch.ones_like(causal).triu(diagonal=5).T  # a window of 5
+    examples = [(_probe_input((2, tokens, d_in), like), mask[:tokens, :tokens], cos, sin)
+                for tokens, mask in ((1, causal), (7, causal), (T, causal), (T, sliding))]
+    return _verified(module, new, examples, "the book's RoPE attention (causal mask, optional window)")
+
+
+def _cache_mismatch(old: nn.Module, new: BookCachedAttention, d_in: int, like: torch.Tensor) -> str | None:
+    """Why the cached calls of `new` differ from `old`'s (None when they agree): a prompt of 5
+    tokens, then 1, then 3 more, each through forward(x, use_cache=True), in eval mode. Both caches
+    are emptied afterwards (patch() only probes modules with an empty cache)."""
+    if like.device.type == "meta":
+        return None
+    prompt = _probe_input((2, 9, d_in), like)
+    training = (old.training, new.training)
+    try:
+        old.eval(), new.eval()
+        old.reset_cache(), new.reset_cache()
+        with torch.no_grad():
+            for start, stop in ((0, 5), (5, 6), (6, 9)):
+                why = _compare(lambda x: old(x, use_cache=True), lambda x: new(x, use_cache=True),
+                               prompt[:, start:stop])
+                if why:
+                    return f"after {start} cached tokens, {stop - start} more: {why}"
+    finally:
+        old.reset_cache(), new.reset_cache()
+        old.train(training[0]), new.train(training[1])
+    return None
+
+
+def _book_cached_attention(module: nn.Module, backend: str) -> tuple[nn.Module | None, str]:
+    found = _projections(module)
+    if isinstance(found, str):
+        return None, found
+    linears, num_heads, num_kv_groups, head_dim = found
+    if not callable(getattr(module, "reset_cache", None)):
+        return None, "its forward takes use_cache but it has no reset_cache()"
+    if getattr(module, "cache_k", None) is not None:
+        return None, "its KV cache holds tokens: patch between generations (after reset_cache())"
+    dropout = getattr(module, "dropout", None)
+    if not isinstance(dropout, nn.Dropout):
+        return None, "no `dropout` nn.Dropout module (the book's attention-weight dropout)"
+    window = getattr(module, "sliding_window_size", None)
+    if not (window is None or (isinstance(window, int) and window >= 1)):
+        return None, f"sliding_window_size must be None or an int >= 1, got {window!r}"
+    context_length, why = _causal_mask_length(module)
+    if why:
+        return None, why
+    d_in, d_out = linears[0].in_features, linears[3].out_features
+    new = BookCachedAttention(d_in, d_out, context_length or 0, dropout.p, num_heads, linears[0].bias is not None,
+                              num_kv_groups=num_kv_groups, head_dim=head_dim, out_bias=linears[3].bias is not None,
+                              sliding_window_size=window, backend=backend, device="meta")
+    _share(new, linears)
+    new.dropout = dropout
+    like = linears[0].weight
+    _adopt_training(new, module)
+    why = _interface_mismatch(module, new) or _cache_mismatch(module, new, d_in, like)
+    if why:
+        return None, f"not the book's KV-cache attention: {why}"
+    return _verified(module, new, _attention_probes(d_in, context_length, like), "the book's KV-cache attention")
+
+
 def _fastgpt_native(module: nn.Module) -> str | None:
     """How `module` already runs fastgpt's kernels (a transformers attention whose attn_implementation
     fastgpt.hf registered), or None."""
@@ -320,11 +602,20 @@ def _replacement(module: nn.Module, backend: str) -> tuple[nn.Module | None, str
     if isinstance(module, nn.MultiheadAttention):
         return None, ("torch.nn.MultiheadAttention is not supported (masks and causality come per call); "
                       "use fastgpt.nn.MultiHeadAttention or fastgpt.attention")
-    if isinstance(module, nn.RMSNorm) or name.endswith("rmsnorm"):
-        return None, "an RMS norm: patch() swaps layer norms only, there is no fastgpt RMSNorm drop-in yet"
+    if kind is nn.RMSNorm:
+        return _torch_rms_norm(module, backend)
+    if isinstance(module, nn.RMSNorm):
+        return None, "a subclass of torch.nn.RMSNorm: its forward may differ from RMS norm"
+    if name.endswith("rmsnorm"):
+        return _book_rms_norm(module, backend)
     if kind.__name__ == "LayerNorm":
         return _book_layer_norm(module, backend)
     if all(hasattr(module, attribute) for attribute in _QKV):
+        parameters = _forward_parameters(module)
+        if parameters == ["x", "mask", "cos", "sin"]:
+            return _book_rope_attention(module, backend)
+        if parameters == ["x", "use_cache"]:
+            return _book_cached_attention(module, backend)
         return _book_attention(module, backend)
     if hasattr(module, "qkv") and hasattr(module, "proj"):
         return _fused_qkv_attention(module, backend)
@@ -355,13 +646,21 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
       `proj` Linear, num_heads, `dropout` float or nn.Dropout, optional causal `mask`: the chapter 3
       bonus MultiHeadAttentionCombinedQKV / MHAPyTorchScaledDotProduct, ch05's GPTModelFast) ->
       fastgpt.nn.MultiHeadAttention(fused_qkv=True) with W_qkv = qkv and out_proj = proj;
+    - the book's RoPE attentions (Llama 3, Qwen 3, Gemma 3: forward(x, mask, cos, sin), grouped
+      W_key/W_value, optional q_norm/k_norm, Gemma's `scaling`) -> BookRopeAttention, which reads
+      causality and the sliding window off each call's mask (any other mask runs the original);
+    - the book's KV-cache attentions (ch04/03_kv-cache, 04_gqa, 06_swa: forward(x, use_cache=False),
+      reset_cache(), optional num_kv_groups and sliding_window_size) -> BookCachedAttention, probed
+      on cached calls too; one whose cache holds tokens is left;
+    - torch.nn.RMSNorm and RMS norms as the book and transformers write them (`scale` or `weight`,
+      `eps` or `variance_epsilon`, x̂ · w or Gemma's x̂ · (1 + w), decided by the probe) ->
+      fastgpt.nn.RMSNorm; one with a shift (bias) is left;
     - fastgpt's own modules (already fused) get `backend` set: patching twice never double-wraps.
 
     A candidate other than torch.nn.LayerNorm is swapped only when (1) every call its forward
     accepts, fastgpt's accepts too: its parameters open fastgpt's forward in order, with the same
     kinds and defaults (fastgpt's may add defaulted ones, such as kv_cache=None), and it has no
-    public method the replacement lacks; so a KV cache's forward(x, use_cache=False) or
-    reset_cache(), or a forward taking mask / cos / sin, is left; and (2) a probe gives the same
+    public method the replacement lacks; and (2) a probe gives the same
     output: for attention, inputs of 1, 7 and the module's whole context (its `mask` size or
     `context_length`, at most _PROBE_MAX_TOKENS = 1024 tokens; 1024 without one), each in eval
     mode and in train mode with every dropout probability set to 0. A module whose forward raises

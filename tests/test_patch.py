@@ -206,7 +206,6 @@ class Odd(nn.Module):
         self.multi_dim_norm = nn.LayerNorm((4, 16))
         self.torch_mha = nn.MultiheadAttention(16, 2, batch_first=True)
         self.rms = RMSNormNamedLayerNorm(16)
-        self.torch_rms = nn.RMSNorm(16)
         self.bidirectional = BidirectionalMHA(16, 16, 8, 0.0, 2)
         self.plain = SelfAttentionV2(16, 16)
         self.einsum = MHAEinsum(16)
@@ -222,12 +221,11 @@ def test_patch_leaves_what_it_cannot_swap_and_says_why():
     report = fastgpt.patch(model)
     assert report.swapped == [] and report.retargeted == [] and report.native == []
     reasons = {name: reason for name, _, reason in report.left}
-    assert set(reasons) == {"multi_dim_norm", "torch_mha", "rms", "torch_rms", "bidirectional", "plain", "einsum",
+    assert set(reasons) == {"multi_dim_norm", "torch_mha", "rms", "bidirectional", "plain", "einsum",
                             "resettable", "unknown", "subclassed"}
     assert "fastgpt normalises over the last dim only" in reasons["multi_dim_norm"]
     assert "torch.nn.MultiheadAttention is not supported" in reasons["torch_mha"]
     assert "not a layer norm over the last dim: on a probe input" in reasons["rms"]
-    assert "no fastgpt RMSNorm drop-in yet" in reasons["torch_rms"]
     assert "not the book's causal attention: on a probe input" in reasons["bidirectional"]
     assert "dropout" in reasons["plain"]
     assert "W_query / W_key / W_value are not all nn.Linear" in reasons["einsum"]
@@ -321,15 +319,15 @@ def test_patch_probes_train_mode_too():
 
 # ---------------------------------------------------------------- forwards fastgpt's cannot stand in for
 
-def test_patch_leaves_the_kv_cache_attention_and_generation_is_unchanged(backend):
+def test_patch_swaps_the_kv_cache_attention_and_generation_is_unchanged(backend):
     model = book_gpt(book.GPTModelWithKVCache)
     unpatched = copy.deepcopy(model)
     report = fastgpt.patch(model, backend=backend)
-    assert [name for name, _, _ in report.swapped] == [
-        "trf_blocks.0.norm1", "trf_blocks.0.norm2", "trf_blocks.1.norm1", "trf_blocks.1.norm2", "final_norm"]
-    assert [(name, reason) for name, _, reason in report.left] == [
-        (f"trf_blocks.{i}.att", "not the book's causal attention: its forward(x, use_cache=False) also takes "
-                                "use_cache; fastgpt's is forward(x, kv_cache=None)") for i in range(2)]
+    assert [(name, new) for name, _, new in report.swapped] == [
+        (f"trf_blocks.{i}.{module}", kind) for i in range(2) for module, kind in (
+            ("att", "fastgpt.patch.BookCachedAttention"), ("norm1", "fastgpt.nn.LayerNorm"),
+            ("norm2", "fastgpt.nn.LayerNorm"))] + [("final_norm", "fastgpt.nn.LayerNorm")]
+    assert report.left == []
     prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
     assert torch.equal(book.generate_text_simple_cached(model, prompt, 12),
                        book.generate_text_simple_cached(unpatched, prompt, 12))
