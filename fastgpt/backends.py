@@ -189,7 +189,7 @@ def _build_registry() -> dict[str, Backend]:
                        tuple(range(1, 257)), {"cpu": ext["cpu"]},
                        _extension_attention, _extension_layer_norm, _extension_rms_norm, _extension_add_rms_norm,
                        features=frozenset({"gqa", "window", "softcap"})),
-        "cuda": Backend("cuda", "fused CUDA kernels (csrc/cuda)", FLOAT_DTYPES, (16, 32, 64, 128),
+        "cuda": Backend("cuda", "fused CUDA kernels (csrc/cuda)", FLOAT_DTYPES, (16, 32, 64, 80, 96, 128, 256),
                         {"cuda": ext["cuda"]}, _extension_attention, _extension_layer_norm,
                         features=frozenset({"gqa", "window", "softcap"}),
                         missing={op: (f"the cuda backend has no {op} kernel yet (csrc/cuda has none): "

@@ -125,6 +125,12 @@ EMULATED_MODERN = [
     (1, 4, 2, 33, 90, 64, False, False, 0.0, None, 5.0),    # softcap, GQA
     (2, 4, 2, 130, 150, 32, True, True, 0.1, 33, 20.0),     # all three, dropout, mask
     (1, 2, 1, 100, 40, 16, True, False, 0.0, 8, 2.0),       # Tq > Tk: rows without keys, window + cap
+    # Head dims 80 and 96 run on the 128-wide kernels (zero columns), 256 on its own (split dK, dV).
+    (2, 4, 2, 45, 70, 80, True, True, 0.0, None, None),     # GQA, Tq < Tk, padding mask
+    (1, 2, 1, 70, 40, 80, True, False, 0.0, 9, 4.0),        # Tq > Tk: rows without keys, window + cap
+    (2, 3, 1, 50, 77, 96, False, True, 0.1, 30, 5.0),       # MQA, non-causal window, cap, mask, dropout
+    (2, 2, 1, 40, 75, 256, True, True, 0.0, 24, 10.0),      # GQA, Tq < Tk, causal window, cap, mask
+    (2, 2, 1, 33, 33, 256, False, False, 0.1, None, None),  # MQA, full attention, dropout
 ]
 
 
@@ -216,12 +222,25 @@ def test_emulated_layer_norm_matches_oracle(emulator, case, dtype, reverse_order
 
 # ---- op-level errors ------------------------------------------------------------------------
 
+UNSUPPORTED_HEAD_DIM = r"head dim must be 16, 32, 64, 80, 96, 128 or 256 \(the compiled CUDA kernels\), got {}"
+
+
+@pytest.mark.parametrize("head_dim", (8, 48, 112, 512))
+def test_emulated_unsupported_head_dim_is_refused_naming_the_supported_ones(emulator, head_dim):
+    """The launcher choice (csrc/cuda/host.h) is the op's: a head dim between two kernel widths is
+    refused too, not run on the wider kernel."""
+    q, k, v = make_qkv(1, 1, 4, 4, head_dim, torch.float32)
+    with pytest.raises(RuntimeError, match="fastgpt::attention_fwd: " + UNSUPPORTED_HEAD_DIM.format(head_dim)):
+        emulator.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0, 0, 0.0, False, False)
+    with pytest.raises(RuntimeError, match="fastgpt::attention_bwd: " + UNSUPPORTED_HEAD_DIM.format(head_dim)):
+        emulator.attention_bwd(q, q, k, v, q, torch.zeros(1, 1, 4), None, True, 0.125, 0.0, 0, 0, 0.0, False, False)
+
+
 @needs_gpu
-@pytest.mark.parametrize("head_dim", (8, 48, 96, 256))
+@pytest.mark.parametrize("head_dim", (8, 48, 512))
 def test_unsupported_head_dim_is_refused_naming_the_supported_ones(head_dim):
     q, k, v = make_qkv(1, 1, 4, 4, head_dim, torch.float16, "cuda")
-    with pytest.raises(RuntimeError, match=rf"fastgpt::attention_fwd: head dim must be 16, 32, 64 or 128 "
-                                           rf"\(the compiled CUDA kernels\), got {head_dim}"):
+    with pytest.raises(RuntimeError, match="fastgpt::attention_fwd: " + UNSUPPORTED_HEAD_DIM.format(head_dim)):
         torch.ops.fastgpt.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0, 0, 0.0)
 
 

@@ -14,6 +14,7 @@ struct AttentionParams {
   const void* q;  // (B, H, Tq, D)
   const void* k;  // (B, Hkv, Tk, D)
   const void* v;  // (B, Hkv, Tk, D)
+  int head_dim;   // D <= the kernel's width kHeadDim (attention.h: widths)
   int64_t q_batch_stride, q_head_stride, q_row_stride;
   int64_t k_batch_stride, k_head_stride, k_row_stride;
   int64_t v_batch_stride, v_head_stride, v_row_stride;
@@ -47,17 +48,21 @@ struct AttentionParams {
   void* grad_v;           // (B, Hkv, Tk, D) contiguous
 };
 
-// The head dims the kernels are compiled for, the one list on the C++ side: X(Element, D) is
-// expanded for each (fastgpt/backends.py declares the `cuda` backend's head dims; tests/test_cuda.py
-// checks the two agree).
-#define FASTGPT_ATTENTION_HEAD_DIMS(X, Element) X(Element, 16) X(Element, 32) X(Element, 64) X(Element, 128)
+// The head dims the `cuda` backend supports, the one list on the C++ side (fastgpt/backends.py
+// declares the same for `cuda`; tests/test_cuda.py checks the two agree).
+inline constexpr int kAttentionHeadDims[] = {16, 32, 64, 80, 96, 128, 256};
 
-#define FASTGPT_ATTENTION_HEAD_DIM_ITEM(Element, D) D,
-inline constexpr int kAttentionHeadDims[] = {FASTGPT_ATTENTION_HEAD_DIMS(FASTGPT_ATTENTION_HEAD_DIM_ITEM, )};
-#undef FASTGPT_ATTENTION_HEAD_DIM_ITEM
+// The kernel widths compiled, X(Element, W) expanded for each: a head dim D runs on the narrowest
+// width W >= D, with AttentionParams::head_dim = D. The kernels' shared-memory tiles need rows of a
+// power-of-two count of 16-byte chunks (warp_mma.cuh), so 80 and 96 run on the 128-wide kernels:
+// their loads zero-fill the columns >= D (which add nothing to Q Kᵀ and give zero output columns),
+// their stores write only the columns < D, and the GEMM steps over those columns are skipped at run
+// time (attention_fwd.cuh). A width per head dim would cost a template instantiation per dtype and direction each.
+#define FASTGPT_ATTENTION_KERNEL_WIDTHS(X, Element) \
+  X(Element, 16) X(Element, 32) X(Element, 64) X(Element, 128) X(Element, 256)
 
 // Defined in attention_{fwd,bwd}_<dtype>.cu for Element in {__half, __nv_bfloat16, float} and
-// every head dim above (FASTGPT_INSTANTIATE_ATTENTION_FWD / _BWD). They launch on `stream` and never sync.
+// every width above (FASTGPT_INSTANTIATE_ATTENTION_FWD / _BWD). They launch on `stream` and never sync.
 template <typename Element, int kHeadDim>
 void launch_attention_fwd(const AttentionParams& params, cudaStream_t stream);
 template <typename Element, int kHeadDim>
@@ -65,16 +70,18 @@ void launch_attention_bwd(const AttentionParams& params, cudaStream_t stream);
 
 using AttentionLauncher = void (*)(const AttentionParams&, cudaStream_t);
 
-// The instantiation for a runtime head dim; nullptr for one that is not compiled.
+// The kernels for a runtime head dim (they read it from AttentionParams::head_dim); nullptr for
+// one that is not supported.
 template <typename Element>
 AttentionLauncher attention_launcher_for(bool forward, int64_t head_dim) {
-#define FASTGPT_ATTENTION_LAUNCHER_CASE(Element, D) \
-  case D: return forward ? launch_attention_fwd<Element, D> : launch_attention_bwd<Element, D>;
-  switch (head_dim) {
-    FASTGPT_ATTENTION_HEAD_DIMS(FASTGPT_ATTENTION_LAUNCHER_CASE, Element)
-    default: return nullptr;
-  }
+  bool supported = false;
+  for (const int d : kAttentionHeadDims) supported = supported || d == head_dim;
+  if (!supported) return nullptr;
+#define FASTGPT_ATTENTION_LAUNCHER_CASE(Element, W) \
+  if (head_dim <= W) return forward ? launch_attention_fwd<Element, W> : launch_attention_bwd<Element, W>;
+  FASTGPT_ATTENTION_KERNEL_WIDTHS(FASTGPT_ATTENTION_LAUNCHER_CASE, Element)
 #undef FASTGPT_ATTENTION_LAUNCHER_CASE
+  return nullptr;
 }
 
 }  // namespace fastgpt::cuda

@@ -15,6 +15,16 @@
 //              is added to a float32 buffer with atomics, after dSᵀ goes through
 //              shared memory to be re-read as dS;
 //   3. convert: dQ = scale · dQ_accum, cast to the input dtype.
+//
+// Head dims: as in the forward (attention_fwd.cuh), the kernels are compiled for a width
+// kHeadDim and read D <= kHeadDim from the params; columns >= D load as zeros, the GEMM steps
+// over them are skipped (on the float32 path only those along k: that kernel is at the
+// register limit, and runtime column bounds make ptxas spill), and only columns < D are
+// stored or added to dQ. At kHeadDim = 256 a warp's 16 rows of dK and dV would take 256
+// accumulator registers per thread, so each 16-key strip belongs to kDSplit = 2 warps that
+// both compute its scores (over all of D: the two score GEMMs run twice, 7 GEMMs of work
+// instead of 5, no exchange through shared memory) and each keep half of the columns of dK
+// and dV; the query tiles are halved to fit an sm_80 SM.
 #pragma once
 #include "cuda/attention_common.cuh"
 
@@ -25,19 +35,28 @@ constexpr float kLog2e = 1.4426950408889634f;
 template <typename Element, int kHeadDim>
 struct BwdConfig {
   static constexpr bool kTensorCores = !kIsFloat32<Element>;
-  static constexpr int kWarps = 4;
+  static constexpr int kDSplit = kHeadDim > 128 ? 2 : 1;  // warps per 16-key strip, each with kDkvCols of dK, dV
+  static constexpr int kDkvCols = kHeadDim / kDSplit;
+  static constexpr int kWarps = kTensorCores ? 4 * kDSplit : 4;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockN = 16 * kWarps;             // keys per block
-  static constexpr int kBlockM = kTensorCores ? 64 : 32;  // queries per step
-  using Tile = SmemTile<Element, kHeadDim>;               // K, V (kBlockN rows); Q, dO (kBlockM rows)
-  using STile = SmemTile<Element, kBlockM>;               // dSᵀ (and P̃ᵀ on the SIMT path): keys x queries
+  static constexpr int kKeyStrips = kWarps / kDSplit;
+  static constexpr int kBlockN = 16 * kKeyStrips;                    // keys per block
+  static constexpr int kBlockM = (kTensorCores ? 64 : 32) / kDSplit;  // queries per step
+  using Tile = SmemTile<Element, kHeadDim>;  // K, V (kBlockN rows); Q, dO (kBlockM rows)
+  // dSᵀ (and P̃ᵀ on the SIMT path), keys x queries. The tensor cores read their own dSᵀ from
+  // registers and the dQ GEMM reads the block's kBlockN rows, which the warps of column half 0
+  // write. The SIMT GEMMs re-read the warp's own strip, so there every warp w writes its own
+  // rows [16w, 16w + 16), and the two warps of a key strip never wait for each other.
+  using STile = SmemTile<Element, kBlockM>;
+  static constexpr int kSRows = kTensorCores ? kBlockN : 16 * kWarps;
   static constexpr int kKVElems = kBlockN * kHeadDim;
   static constexpr int kQElems = kBlockM * kHeadDim;
-  static constexpr int kSElems = kBlockN * kBlockM;
+  static constexpr int kSElems = kSRows * kBlockM;
   static constexpr int kSTiles = kTensorCores ? 1 : 2;
   // K | V | Q stage 0, 1 | dO stage 0, 1 | dSᵀ | (P̃ᵀ) | lse·log2(e) stage 0, 1 | D stage 0, 1
   static constexpr size_t kElementBytes = sizeof(Element) * (2 * kKVElems + 4 * kQElems + kSTiles * kSElems);
   static constexpr size_t kSmemBytes = kElementBytes + sizeof(float) * 4 * kBlockM;
+  static_assert(kSmemBytes <= 163 * 1024, "must fit the dynamic shared memory of an sm_80 block");
   // dQ = dS K: kBlockM / 16 row strips, each split over kWarps / strips warps by columns.
   static constexpr int kDqStrips = kBlockM / 16;
   static constexpr int kDqCols = kHeadDim / (kWarps / kDqStrips);
@@ -51,7 +70,7 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
   using STile = typename Cfg::STile;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kThreads = Cfg::kThreads;
   constexpr int kMTiles = kBlockM / 8;   // 8-column accumulator tiles of a warp's Sᵀ strip (16 x kBlockM)
-  constexpr int kDTiles = kHeadDim / 8;  // ... of its dK, dV rows (16 x D)
+  constexpr int kDTiles = Cfg::kDkvCols / 8;  // ... of its dK, dV block (16 x kDkvCols)
   constexpr int kDqTiles = Cfg::kDqCols / 8;
 
   unsigned char* const smem = dynamic_smem();
@@ -74,12 +93,14 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
   // the kv head's group, so dK, dV are summed in registers (deterministic, no atomics).
   const int batch_kv_head = blockIdx.x, batch = batch_kv_head / p.kv_heads, kv_head = batch_kv_head % p.kv_heads;
   const int key0 = blockIdx.y * kBlockN;
-  const int warp_key0 = 16 * warp;
+  const int warp_key0 = 16 * (warp % Cfg::kKeyStrips);                    // the warp's key strip in the block
+  const int dkv_col0 = Cfg::kDSplit == 1 ? 0 : Cfg::kDkvCols * (warp / Cfg::kKeyStrips);  // its dK, dV columns
   const int keys[2] = {key0 + warp_key0 + g, key0 + warp_key0 + g + 8};  // rows this lane holds
 
   const Element* k = offset_pointer<Element>(p.k, batch, kv_head, p.k_batch_stride, p.k_head_stride);
   const Element* v = offset_pointer<Element>(p.v, batch, kv_head, p.v_batch_stride, p.v_head_stride);
   const Visibility visible(p, batch);
+  const int head_dim = p.head_dim;  // <= kHeadDim: the columns beyond are zeros, skipped
 
   // Query tiles [m_begin, m_end) hold every query that sees a key of this block (causal:
   // query i sees key0 iff i >= key0 - causal_offset; a window bounds them from above too).
@@ -101,9 +122,9 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
     const float* saved_lse = p.saved_lse + batch_head * p.q_len;
     const float* row_delta = p.delta + batch_head * p.q_len;
     load_tile_async<kBlockM, kThreads>(q_tile(stage), q + query0 * p.q_row_stride, p.q_row_stride,
-                                       p.q_len - query0);
+                                       p.q_len - query0, head_dim);
     load_tile_async<kBlockM, kThreads>(do_tile(stage), dout + query0 * p.grad_out_row_stride,
-                                       p.grad_out_row_stride, p.q_len - query0);
+                                       p.grad_out_row_stride, p.q_len - query0, head_dim);
     for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
       const int query = query0 + i;
       const float lse = query < p.q_len ? saved_lse[query] : -INFINITY;
@@ -113,12 +134,12 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
     }
   };
 
-  load_tile_async<kBlockN, kThreads>(k_tile, k + key0 * p.k_row_stride, p.k_row_stride, p.k_len - key0);
-  load_tile_async<kBlockN, kThreads>(v_tile, v + key0 * p.v_row_stride, p.v_row_stride, p.k_len - key0);
+  load_tile_async<kBlockN, kThreads>(k_tile, k + key0 * p.k_row_stride, p.k_row_stride, p.k_len - key0, head_dim);
+  load_tile_async<kBlockN, kThreads>(v_tile, v + key0 * p.v_row_stride, p.v_row_stride, p.k_len - key0, head_dim);
   if (n_steps > 0) load_query_side(0, 0);
   cp_async_commit();
 
-  float dk[kDTiles][4], dv[kDTiles][4];  // this warp's 16 rows of dK / scale and dV
+  float dk[kDTiles][4], dv[kDTiles][4];  // this warp's 16 rows x kDkvCols of dK / scale and dV
   zero(dk);
   zero(dv);
   // dQ work split: this warp's 16 query rows and kDqCols columns of each query tile.
@@ -137,12 +158,13 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
     zero(st);
     zero(dpt);
     if constexpr (Cfg::kTensorCores) {
-      warp_gemm_tensor_cores<Element, kHeadDim>(st, row_major(k_tile, warp_key0, 0), transposed(q_tile(stage), 0, 0));
+      warp_gemm_tensor_cores<Element, kHeadDim>(st, row_major(k_tile, warp_key0, 0), transposed(q_tile(stage), 0, 0),
+                                                head_dim);
       warp_gemm_tensor_cores<Element, kHeadDim>(dpt, row_major(v_tile, warp_key0, 0),
-                                                transposed(do_tile(stage), 0, 0));
+                                                transposed(do_tile(stage), 0, 0), head_dim);
     } else {
-      warp_gemm_simt<kHeadDim>(st, row_major(k_tile, warp_key0, 0), transposed(q_tile(stage), 0, 0));
-      warp_gemm_simt<kHeadDim>(dpt, row_major(v_tile, warp_key0, 0), transposed(do_tile(stage), 0, 0));
+      warp_gemm_simt<kHeadDim>(st, row_major(k_tile, warp_key0, 0), transposed(q_tile(stage), 0, 0), head_dim);
+      warp_gemm_simt<kHeadDim>(dpt, row_major(v_tile, warp_key0, 0), transposed(do_tile(stage), 0, 0), head_dim);
     }
 
     // Elementwise: st becomes P̃ᵀ, dpt becomes dSᵀ (column c of a tile is query query0 + c).
@@ -172,17 +194,22 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
       }
     }
 
-    // dV += P̃ᵀ dO and dK += dSᵀ Q: B(k = query, n = d) = dO(query, d) / Q(query, d).
+    // dV += P̃ᵀ dO and dK += dSᵀ Q over the warp's columns: B(k = query, n = d) = dO(query, d) / Q(query, d).
     if constexpr (Cfg::kTensorCores) {
-      warp_gemm_tensor_cores<Element, kBlockM>(dv, accumulators_as_a<Element>(st), row_major(do_tile(stage), 0, 0));
-      warp_gemm_tensor_cores<Element, kBlockM>(dk, accumulators_as_a<Element>(dpt), row_major(q_tile(stage), 0, 0));
-      store_accumulators(ds_tile, warp_key0, 0, dpt);
+      const int dkv_cols = head_dim - dkv_col0;  // of the warp's columns, those inside the head dim
+      warp_gemm_tensor_cores<Element, kBlockM>(dv, accumulators_as_a<Element>(st),
+                                               row_major(do_tile(stage), 0, dkv_col0), kBlockM, dkv_cols);
+      warp_gemm_tensor_cores<Element, kBlockM>(dk, accumulators_as_a<Element>(dpt),
+                                               row_major(q_tile(stage), 0, dkv_col0), kBlockM, dkv_cols);
+      // The warps of column half 0 (warp < kKeyStrips) write it; the other half holds the same dSᵀ.
+      if (warp < Cfg::kKeyStrips) store_accumulators(ds_tile, warp_key0, 0, dpt);
     } else {
-      store_accumulators(pt_tile, warp_key0, 0, st);
-      store_accumulators(ds_tile, warp_key0, 0, dpt);
+      const int strip0 = 16 * warp;  // the warp's own strip (= warp_key0 for column half 0)
+      store_accumulators(pt_tile, strip0, 0, st);
+      store_accumulators(ds_tile, strip0, 0, dpt);
       __syncwarp();
-      warp_gemm_simt<kBlockM>(dv, row_major(pt_tile, warp_key0, 0), row_major(do_tile(stage), 0, 0));
-      warp_gemm_simt<kBlockM>(dk, row_major(ds_tile, warp_key0, 0), row_major(q_tile(stage), 0, 0));
+      warp_gemm_simt<kBlockM>(dv, row_major(pt_tile, strip0, 0), row_major(do_tile(stage), 0, dkv_col0));
+      warp_gemm_simt<kBlockM>(dk, row_major(ds_tile, strip0, 0), row_major(q_tile(stage), 0, dkv_col0));
     }
     // dSᵀ is complete, and nobody reads this stage's Q, dO, lse, D any more: the next
     // iteration may refill it as soon as it starts.
@@ -192,7 +219,8 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
     float dq[kDqTiles][4];
     zero(dq);
     if constexpr (Cfg::kTensorCores) {
-      warp_gemm_tensor_cores<Element, kBlockN>(dq, transposed(ds_tile, 0, dq_row0), row_major(k_tile, 0, dq_col0));
+      warp_gemm_tensor_cores<Element, kBlockN>(dq, transposed(ds_tile, 0, dq_row0), row_major(k_tile, 0, dq_col0),
+                                               kBlockN, head_dim - dq_col0);
     } else {
       warp_gemm_simt<kBlockN>(dq, transposed(ds_tile, 0, dq_row0), row_major(k_tile, 0, dq_col0));
     }
@@ -201,8 +229,8 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int query = query0 + dq_row0 + g + 8 * (e / 2), col = dq_col0 + 8 * n + 2 * t + e % 2;
-        if (query < p.q_len) {
-          atomicAdd(p.grad_q_accum + (int64_t(batch_head) * p.q_len + query) * kHeadDim + col, dq[n][e]);
+        if (query < p.q_len && col < head_dim) {
+          atomicAdd(p.grad_q_accum + (int64_t(batch_head) * p.q_len + query) * head_dim + col, dq[n][e]);
         }
       }
     }
@@ -217,20 +245,27 @@ __global__ void __launch_bounds__(BwdConfig<Element, kHeadDim>::kThreads)
   }
   cp_async_wait<0>();  // K, V may still be in flight when no query tile was visited
   __syncthreads();     // every warp is done reading K (dQ reads all of it)
-  store_accumulators(k_tile, warp_key0, 0, dk);
-  store_accumulators(v_tile, warp_key0, 0, dv);
+  store_accumulators(k_tile, warp_key0, dkv_col0, dk);
+  store_accumulators(v_tile, warp_key0, dkv_col0, dv);
   __syncthreads();
-  const int64_t out_offset = (int64_t(batch_kv_head) * p.k_len + key0) * kHeadDim;  // (B, Hkv, Tk, D)
-  store_tile<kBlockN, kThreads>(k_tile, static_cast<Element*>(p.grad_k) + out_offset, p.k_len - key0);
-  store_tile<kBlockN, kThreads>(v_tile, static_cast<Element*>(p.grad_v) + out_offset, p.k_len - key0);
+  const int64_t out_offset = (int64_t(batch_kv_head) * p.k_len + key0) * head_dim;  // (B, Hkv, Tk, D)
+  store_tile<kBlockN, kThreads>(k_tile, static_cast<Element*>(p.grad_k) + out_offset, p.k_len - key0, head_dim);
+  store_tile<kBlockN, kThreads>(v_tile, static_cast<Element*>(p.grad_v) + out_offset, p.k_len - key0, head_dim);
 }
 
-// D_i = Σ_d dO[i, d] · O[i, d] over all B·H·Tq rows; kHeadDim / kVec lanes per row.
+// D_i = Σ_d dO[i, d] · O[i, d] over all B·H·Tq rows; kLanesPerRow lanes per row, each
+// reading every kLanesPerRow-th 16-byte vector of the row's head_dim columns.
+template <typename Element, int kHeadDim>
+struct DeltaConfig {
+  static constexpr int kVec = kVecElems<Element>;
+  static constexpr int kLanesPerRow = kHeadDim / kVec < 32 ? kHeadDim / kVec : 32;  // a power of two <= 32
+  static constexpr int kRowsPerBlock = 256 / kLanesPerRow;
+};
+
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(256) attention_bwd_delta_kernel(const AttentionParams p) {
-  constexpr int kVec = kVecElems<Element>;
-  constexpr int kLanesPerRow = kHeadDim / kVec;  // a power of two <= 32
-  constexpr int kRowsPerBlock = 256 / kLanesPerRow;
+  using Cfg = DeltaConfig<Element, kHeadDim>;
+  constexpr int kVec = Cfg::kVec, kLanesPerRow = Cfg::kLanesPerRow, kRowsPerBlock = Cfg::kRowsPerBlock;
   const int64_t total_rows = int64_t(p.batch) * p.heads * p.q_len;
   const int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / kLanesPerRow;
   const int part = threadIdx.x % kLanesPerRow;
@@ -241,12 +276,17 @@ __global__ void __launch_bounds__(256) attention_bwd_delta_kernel(const Attentio
     const int batch = int(batch_head / p.heads), head = int(batch_head % p.heads);
     const Element* dout = offset_pointer<Element>(p.grad_out, batch, head, p.grad_out_batch_stride,
                                                   p.grad_out_head_stride) + query * p.grad_out_row_stride;
-    const Element* out = static_cast<const Element*>(p.saved_out) + row * kHeadDim;
-    float a[kVec], b[kVec];
-    load_vector(dout + part * kVec, a);
-    load_vector(out + part * kVec, b);
+    const Element* out = static_cast<const Element*>(p.saved_out) + row * p.head_dim;
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) sum = fmaf(a[i], b[i], sum);
+    for (int round = 0; round < kHeadDim / kVec / kLanesPerRow; ++round) {
+      const int vec = part + round * kLanesPerRow;
+      if (vec * kVec >= p.head_dim) break;
+      float a[kVec], b[kVec];
+      load_vector(dout + vec * kVec, a);
+      load_vector(out + vec * kVec, b);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) sum = fmaf(a[i], b[i], sum);
+    }
   }
 #pragma unroll
   for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(kFullWarp, sum, offset);
@@ -270,7 +310,7 @@ template <typename Element, int kHeadDim>
 void launch_attention_bwd(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = BwdConfig<Element, kHeadDim>;
   const int64_t rows = int64_t(params.batch) * params.heads * params.q_len;
-  constexpr int kRowsPerDeltaBlock = 256 / (kHeadDim / kVecElems<Element>);
+  constexpr int kRowsPerDeltaBlock = DeltaConfig<Element, kHeadDim>::kRowsPerBlock;
   launch_kernel(attention_bwd_delta_kernel<Element, kHeadDim>,
                 unsigned((rows + kRowsPerDeltaBlock - 1) / kRowsPerDeltaBlock), 256, 0, stream, params);
 
@@ -279,7 +319,7 @@ void launch_attention_bwd(const AttentionParams& params, cudaStream_t stream) {
   const dim3 grid(params.batch * params.kv_heads, (params.k_len + Cfg::kBlockN - 1) / Cfg::kBlockN);
   launch_kernel(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, params);
 
-  const int64_t n_quads = rows * kHeadDim / 4;
+  const int64_t n_quads = rows * params.head_dim / 4;
   const int64_t blocks = (n_quads + 255) / 256;
   launch_kernel(attention_bwd_convert_dq_kernel<Element>, unsigned(blocks < 65536 ? blocks : 65536), 256, 0, stream,
                 params, n_quads);
@@ -287,9 +327,9 @@ void launch_attention_bwd(const AttentionParams& params, cudaStream_t stream) {
 
 }  // namespace fastgpt::cuda
 
-// The whole of attention_bwd_<dtype>.cu: launch_attention_bwd<Element, D> for every head dim
+// The whole of attention_bwd_<dtype>.cu: launch_attention_bwd<Element, W> for every kernel width
 // of attention.h, one dtype per file so that the CUDA build is parallel and incremental.
 #define FASTGPT_INSTANTIATE_ATTENTION_BWD_ONE(Element, D) \
   template void launch_attention_bwd<Element, D>(const AttentionParams&, cudaStream_t);
 #define FASTGPT_INSTANTIATE_ATTENTION_BWD(Element) \
-  namespace fastgpt::cuda { FASTGPT_ATTENTION_HEAD_DIMS(FASTGPT_INSTANTIATE_ATTENTION_BWD_ONE, Element) }
+  namespace fastgpt::cuda { FASTGPT_ATTENTION_KERNEL_WIDTHS(FASTGPT_INSTANTIATE_ATTENTION_BWD_ONE, Element) }

@@ -23,6 +23,13 @@
 // diagonal or outside the sliding window are never loaded; tiles wholly visible skip the
 // masking code. GQA / MQA: query head h reads kv head h / (Hq / Hkv) in place. A logit
 // softcap c turns the natural score s into c·tanh(s / c) before the mask (score_log2).
+//
+// Head dims: the kernel is compiled for a width kHeadDim and reads the actual D <= kHeadDim
+// from the params (attention.h): columns >= D load as zeros, the GEMM steps over them are
+// skipped, and only columns < D are stored. At kHeadDim = 256 the O strip alone takes 128
+// accumulator registers per thread, so the warp's Q strip is re-read from shared memory for
+// every key tile instead of being held in registers, and the key tiles are halved (to keep
+// the shared memory within an sm_80 SM's 163 KB: Q + 2 stages of K and V).
 #pragma once
 #include "cuda/attention_common.cuh"
 
@@ -34,7 +41,8 @@ struct FwdConfig {
   static constexpr int kWarps = kTensorCores ? 8 : 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = 16 * kWarps;             // query rows per block
-  static constexpr int kBlockN = kTensorCores ? 64 : 32;  // keys per pipeline stage
+  static constexpr int kBlockN = (kTensorCores ? 64 : 32) / (kHeadDim > 128 ? 2 : 1);  // keys per pipeline stage
+  static constexpr bool kQInRegisters = kTensorCores && kHeadDim <= 128;  // else Q is re-read from smem
   using Tile = SmemTile<Element, kHeadDim>;               // Q (kBlockM rows), K, V (kBlockN rows)
   using PTile = SmemTile<Element, kBlockN>;               // SIMT path only: P goes through smem
   static constexpr int kQElems = kBlockM * kHeadDim;
@@ -42,6 +50,7 @@ struct FwdConfig {
   static constexpr int kPElems = kTensorCores ? 0 : kBlockM * kBlockN;
   // Q | K stage 0 | K stage 1 | V stage 0 | V stage 1 | P
   static constexpr size_t kSmemBytes = sizeof(Element) * (kQElems + 4 * kKVElems + kPElems);
+  static_assert(kSmemBytes <= 163 * 1024, "must fit the dynamic shared memory of an sm_80 block");
 };
 
 template <typename Element, int kHeadDim>
@@ -75,6 +84,7 @@ __global__ void __launch_bounds__(FwdConfig<Element, kHeadDim>::kThreads)
   const Element* k = offset_pointer<Element>(p.k, batch, kv_head, p.k_batch_stride, p.k_head_stride);
   const Element* v = offset_pointer<Element>(p.v, batch, kv_head, p.v_batch_stride, p.v_head_stride);
   const Visibility visible(p, batch);
+  const int head_dim = p.head_dim;  // <= kHeadDim: the columns beyond are zeros, skipped
 
   // Key tiles [tile_begin, tile_end) include every key visible to some row of this block
   // (causal and window bounds); the others are never loaded.
@@ -86,11 +96,13 @@ __global__ void __launch_bounds__(FwdConfig<Element, kHeadDim>::kThreads)
 
   auto load_kv = [&](int tile, int stage) {
     const int key0 = tile * kBlockN;
-    load_tile_async<kBlockN, kThreads>(k_tile(stage), k + key0 * p.k_row_stride, p.k_row_stride, p.k_len - key0);
-    load_tile_async<kBlockN, kThreads>(v_tile(stage), v + key0 * p.v_row_stride, p.v_row_stride, p.k_len - key0);
+    load_tile_async<kBlockN, kThreads>(k_tile(stage), k + key0 * p.k_row_stride, p.k_row_stride, p.k_len - key0,
+                                       head_dim);
+    load_tile_async<kBlockN, kThreads>(v_tile(stage), v + key0 * p.v_row_stride, p.v_row_stride, p.k_len - key0,
+                                       head_dim);
   };
 
-  load_tile_async<kBlockM, kThreads>(q_tile, q + row0 * p.q_row_stride, p.q_row_stride, p.q_len - row0);
+  load_tile_async<kBlockM, kThreads>(q_tile, q + row0 * p.q_row_stride, p.q_row_stride, p.q_len - row0, head_dim);
   if (n_tiles > 0) load_kv(tile_end - 1, 0);
   cp_async_commit();
 
@@ -101,10 +113,13 @@ __global__ void __launch_bounds__(FwdConfig<Element, kHeadDim>::kThreads)
 
   cp_async_wait<0>();
   __syncthreads();
-  [[maybe_unused]] RegisterA<kHeadDim / 16> q_regs;  // the warp's Q strip as A operands (tensor cores)
-  if constexpr (Cfg::kTensorCores) {
+  // The warp's Q strip as A operands, when held in registers (k-steps beyond the head dim unused).
+  [[maybe_unused]] RegisterA<kHeadDim / 16> q_regs;
+  if constexpr (Cfg::kQInRegisters) {
 #pragma unroll
-    for (int ks = 0; ks < kHeadDim / 16; ++ks) load_a(q_regs.frag[ks], row_major(q_tile, warp_row0, 0), ks);
+    for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+      if (16 * ks < head_dim) load_a(q_regs.frag[ks], row_major(q_tile, warp_row0, 0), ks);
+    }
   }
 
   for (int it = 0; it < n_tiles; ++it) {
@@ -117,10 +132,13 @@ __global__ void __launch_bounds__(FwdConfig<Element, kHeadDim>::kThreads)
     // S = Q Kᵀ: B(k = d, n = key) = K(key, d).
     float s[kSTiles][4];
     zero(s);
-    if constexpr (Cfg::kTensorCores) {
-      warp_gemm_tensor_cores<Element, kHeadDim>(s, q_regs, transposed(k_tile(stage), 0, 0));
+    if constexpr (Cfg::kQInRegisters) {
+      warp_gemm_tensor_cores<Element, kHeadDim>(s, q_regs, transposed(k_tile(stage), 0, 0), head_dim);
+    } else if constexpr (Cfg::kTensorCores) {
+      warp_gemm_tensor_cores<Element, kHeadDim>(s, row_major(q_tile, warp_row0, 0), transposed(k_tile(stage), 0, 0),
+                                                head_dim);
     } else {
-      warp_gemm_simt<kHeadDim>(s, row_major(q_tile, warp_row0, 0), transposed(k_tile(stage), 0, 0));
+      warp_gemm_simt<kHeadDim>(s, row_major(q_tile, warp_row0, 0), transposed(k_tile(stage), 0, 0), head_dim);
     }
 
     // Scale (the scale may be negative) and soft-cap first, then mask: a hidden score is -inf.
@@ -177,11 +195,13 @@ __global__ void __launch_bounds__(FwdConfig<Element, kHeadDim>::kThreads)
 
     // O += P V: B(k = key, n = d) = V(key, d).
     if constexpr (Cfg::kTensorCores) {
-      warp_gemm_tensor_cores<Element, kBlockN>(acc, accumulators_as_a<Element>(s), row_major(v_tile(stage), 0, 0));
+      warp_gemm_tensor_cores<Element, kBlockN>(acc, accumulators_as_a<Element>(s), row_major(v_tile(stage), 0, 0),
+                                               kBlockN, head_dim);
     } else {
       store_accumulators(p_tile, warp_row0, 0, s);  // the warp's own rows of P
       __syncwarp();
-      warp_gemm_simt<kBlockN>(acc, row_major(p_tile, warp_row0, 0), row_major(v_tile(stage), 0, 0));
+      warp_gemm_simt<kBlockN>(acc, row_major(p_tile, warp_row0, 0), row_major(v_tile(stage), 0, 0), kBlockN,
+                              head_dim);
     }
     __syncthreads();  // all warps are done with this stage (and P) before it is refilled
   }
@@ -206,8 +226,8 @@ __global__ void __launch_bounds__(FwdConfig<Element, kHeadDim>::kThreads)
   __syncthreads();  // Q tile no longer read by any warp
   store_accumulators(q_tile, warp_row0, 0, acc);
   __syncthreads();
-  Element* out = static_cast<Element*>(p.out) + (int64_t(batch_head) * p.q_len + row0) * kHeadDim;
-  store_tile<kBlockM, kThreads>(q_tile, out, p.q_len - row0);
+  Element* out = static_cast<Element*>(p.out) + (int64_t(batch_head) * p.q_len + row0) * head_dim;
+  store_tile<kBlockM, kThreads>(q_tile, out, p.q_len - row0, head_dim);
 }
 
 template <typename Element, int kHeadDim>
@@ -221,9 +241,9 @@ void launch_attention_fwd(const AttentionParams& params, cudaStream_t stream) {
 
 }  // namespace fastgpt::cuda
 
-// The whole of attention_fwd_<dtype>.cu: launch_attention_fwd<Element, D> for every head dim
+// The whole of attention_fwd_<dtype>.cu: launch_attention_fwd<Element, W> for every kernel width
 // of attention.h, one dtype per file so that the CUDA build is parallel and incremental.
 #define FASTGPT_INSTANTIATE_ATTENTION_FWD_ONE(Element, D) \
   template void launch_attention_fwd<Element, D>(const AttentionParams&, cudaStream_t);
 #define FASTGPT_INSTANTIATE_ATTENTION_FWD(Element) \
-  namespace fastgpt::cuda { FASTGPT_ATTENTION_HEAD_DIMS(FASTGPT_INSTANTIATE_ATTENTION_FWD_ONE, Element) }
+  namespace fastgpt::cuda { FASTGPT_ATTENTION_KERNEL_WIDTHS(FASTGPT_INSTANTIATE_ATTENTION_FWD_ONE, Element) }

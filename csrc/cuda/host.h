@@ -37,7 +37,7 @@ void dispatch_element_type(at::ScalarType dtype, const char* op, Fn&& fn) {
   }
 }
 
-// "16, 32, 64 or 128": the compiled head dims of attention.h, for error messages.
+// "16, 32, 64, 80, 96, 128 or 256": the supported head dims of attention.h, for error messages.
 inline std::string attention_head_dims_text() {
   const std::vector<int> dims(std::begin(kAttentionHeadDims), std::end(kAttentionHeadDims) - 1);
   return c10::Join(", ", dims) + " or " + std::to_string(kAttentionHeadDims[std::size(kAttentionHeadDims) - 1]);
@@ -61,6 +61,7 @@ inline AttentionParams make_attention_params(const at::Tensor& q, const at::Tens
                                              double dropout_p, int64_t seed, int64_t window, double softcap) {
   AttentionParams p{};
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
+  p.head_dim = int(q.size(3));
   p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
   p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
   p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);

@@ -81,32 +81,33 @@ __device__ __forceinline__ TransposedView<Tile> transposed(Tile tile, int row0, 
 // ---------------------------------------------------------------------------------
 // Tile copies. cp.async (csrc/cuda/ptx.cuh) copies global -> shared without registers;
 // commit groups and waits form the software pipeline (double buffering) of the kernels.
-// Loads rows [0, kRows) of a (rows, kCols) global matrix with `row_stride` elements
-// between rows into `tile`; rows >= valid_rows become zeros (so that padding keys and
-// queries contribute exact zeros, never stale data). `gmem` must stay a valid address
-// even when no row is valid: it is passed to cp.async with src-size 0.
+// Loads rows [0, kRows) and columns [0, valid_cols) of a global matrix with `row_stride`
+// elements between rows into `tile`; rows >= valid_rows and columns >= valid_cols (a multiple
+// of 16 bytes) become zeros, so that padding keys and queries, and the columns of a head dim
+// narrower than the tile, contribute exact zeros, never stale data. `gmem` must stay a valid
+// address even when no row is valid: it is passed to cp.async with src-size 0.
 template <int kRows, int kThreads, class Tile, typename Element>
-__device__ __forceinline__ void load_tile_async(Tile tile, const Element* gmem, int64_t row_stride, int valid_rows) {
+__device__ __forceinline__ void load_tile_async(Tile tile, const Element* gmem, int64_t row_stride, int valid_rows,
+                                                int valid_cols) {
   constexpr int kChunks = kRows * Tile::kChunksPerRow;
   for (int chunk = threadIdx.x; chunk < kChunks; chunk += kThreads) {
     const int row = chunk / Tile::kChunksPerRow, col_chunk = chunk % Tile::kChunksPerRow;
-    const bool valid = row < valid_rows;
+    const bool valid = row < valid_rows && col_chunk * Tile::kChunkElems < valid_cols;
     const Element* source = valid ? gmem + row * row_stride + col_chunk * Tile::kChunkElems : gmem;
     cp_async_16(tile.data + tile.chunk_offset(row, col_chunk), source, valid);
   }
 }
 
-// Copies rows [0, valid_rows) of a tile to a contiguous (rows, kCols) global matrix,
-// 16 bytes per thread and instruction (coalesced). Needs the tile complete: call after
-// a __syncthreads that follows the writes.
+// Copies rows [0, valid_rows) and columns [0, cols) of a tile to a contiguous (rows, cols)
+// global matrix (cols <= the tile's, a multiple of 16 bytes), 16 bytes per thread and
+// instruction (coalesced). Needs the tile complete: call after a __syncthreads that follows the writes.
 template <int kRows, int kThreads, class Tile, typename Element>
-__device__ __forceinline__ void store_tile(Tile tile, Element* gmem, int valid_rows) {
+__device__ __forceinline__ void store_tile(Tile tile, Element* gmem, int valid_rows, int cols) {
   constexpr int kChunks = kRows * Tile::kChunksPerRow;
-  constexpr int kCols = Tile::kChunksPerRow * Tile::kChunkElems;
   for (int chunk = threadIdx.x; chunk < kChunks; chunk += kThreads) {
     const int row = chunk / Tile::kChunksPerRow, col_chunk = chunk % Tile::kChunksPerRow;
-    if (row < valid_rows) {
-      *reinterpret_cast<uint4*>(gmem + int64_t(row) * kCols + col_chunk * Tile::kChunkElems) =
+    if (row < valid_rows && col_chunk * Tile::kChunkElems < cols) {
+      *reinterpret_cast<uint4*>(gmem + int64_t(row) * cols + col_chunk * Tile::kChunkElems) =
           *reinterpret_cast<const uint4*>(tile.data + tile.chunk_offset(row, col_chunk));
     }
   }
@@ -217,17 +218,23 @@ __device__ __forceinline__ RegisterA<kNTiles / 2> accumulators_as_a(const float 
   return regs;
 }
 
-// acc (16 x 8·kNTiles) += A (16 x kK) · B (kK x 8·kNTiles) on tensor cores.
+// acc (16 x 8·kNTiles) += A (16 x kK) · B (kK x 8·kNTiles) on tensor cores. Only k < k_valid
+// and the columns n < n_valid (both warp-uniform, multiples of 16) are computed: a head dim
+// narrower than the kernel's width skips the zero columns of its tiles at run time, while the
+// loops stay unrolled over static bounds (registers, not local memory).
 template <typename Element, int kK, int kNTiles, class AOperand, class BView>
 __device__ __forceinline__ void warp_gemm_tensor_cores(float (&acc)[kNTiles][4], const AOperand& a_operand,
-                                                       const BView& b_view) {
+                                                       const BView& b_view, int k_valid = kK,
+                                                       int n_valid = 8 * kNTiles) {
   static_assert(kK % 16 == 0 && kNTiles % 2 == 0, "tensor-core GEMM works on 16 x 16 blocks");
 #pragma unroll
   for (int ks = 0; ks < kK / 16; ++ks) {
+    if (16 * ks >= k_valid) break;
     uint32_t a[4];
     load_a(a, a_operand, ks);
 #pragma unroll
     for (int np = 0; np < kNTiles / 2; ++np) {
+      if (16 * np >= n_valid) break;
       uint32_t b[4];
       load_b_pair(b, b_view, ks, np);
       mma_16816<Element>(acc[2 * np], a, b[0], b[1]);
@@ -239,15 +246,18 @@ __device__ __forceinline__ void warp_gemm_tensor_cores(float (&acc)[kNTiles][4],
 // ---------------------------------------------------------------------------------
 // SIMT path: the same accumulator layout, computed with float32 FMAs. Each lane needs
 // rows g and g + 8 of A (shared by its quad: broadcast reads) and columns 8n + 2t,
-// 8n + 2t + 1 of B.
+// 8n + 2t + 1 of B. k_valid, n_valid: as for the tensor cores.
 template <int kK, int kNTiles, class AView, class BView>
-__device__ __forceinline__ void warp_gemm_simt(float (&acc)[kNTiles][4], const AView& a_view, const BView& b_view) {
+__device__ __forceinline__ void warp_gemm_simt(float (&acc)[kNTiles][4], const AView& a_view, const BView& b_view,
+                                               int k_valid = kK, int n_valid = 8 * kNTiles) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int k_end = min(kK, k_valid);
 #pragma unroll 4
-  for (int k = 0; k < kK; ++k) {
+  for (int k = 0; k < k_end; ++k) {
     const float a_lo = a_view.at(g, k), a_hi = a_view.at(g + 8, k);
 #pragma unroll
     for (int n = 0; n < kNTiles; ++n) {
+      if (8 * n >= n_valid) break;
       const float b0 = b_view.at(k, 8 * n + 2 * t), b1 = b_view.at(k, 8 * n + 2 * t + 1);
       acc[n][0] = fmaf(a_lo, b0, acc[n][0]);
       acc[n][1] = fmaf(a_lo, b1, acc[n][1]);
