@@ -13,7 +13,7 @@ import torch
 
 import fastgpt
 from fastgpt import cli, reference
-from fastgpt.bench import attention, common, gpt_e2e, layer_norm, rms_norm
+from fastgpt.bench import attention, common, layer_norm, model, rms_norm
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -73,7 +73,7 @@ def test_peak_memory_counts_what_a_call_allocates():
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module", [attention, layer_norm, rms_norm, gpt_e2e])
+@pytest.mark.parametrize("module", [attention, layer_norm, rms_norm, model])
 def test_results_go_to_an_untracked_folder_by_default(module):
     """A plain run must never overwrite the committed results of a checkout."""
     default = module.parse_args([]).out_dir
@@ -347,23 +347,77 @@ def test_rms_norm_bench_records_why_a_backend_is_not_measured(tmp_path, monkeypa
     assert "Failures:" in (tmp_path / "cpu_rms_norm.md").read_text()
 
 
-# ---- GPT end to end --------------------------------------------------------------------------
+# ---- a model end to end (`fastgpt bench model --arch ...`, alias `gpt`) ----------------------
 
-def test_gpt_bench_end_to_end(tmp_path):
+TINY_CONFIGS = {"gpt2": "tiny", "llama3": "llama3-tiny", "qwen3": "qwen3-tiny", "gemma3": "gemma3-tiny"}
+
+
+@pytest.mark.parametrize("arch", list(TINY_CONFIGS))
+def test_model_bench_end_to_end(tmp_path, arch):
+    """Every backend runs the same tiny model of the family on the same inputs: one row each, the ratios
+    are those of this run's rows, the greedy tokens equal naive's and the files hold what was returned."""
     backends = cpu_backends()
-    data = gpt_e2e.run(["--device", "cpu", "--config", "tiny", "--context-length", "32", "--batch-size", "2",
-                        "--steps", "1", "--warmup-steps", "1", "--prompt-len", "8", "--new-tokens", "4",
-                        "--gen-repeats", "1", "--backends", ",".join(backends), "--out-dir", str(tmp_path)],
-                       show_progress=False)
+    data = model.run(["--arch", arch, "--device", "cpu", "--config", TINY_CONFIGS[arch], "--vocab-size", "256",
+                      "--context-length", "16", "--batch-size", "2", "--steps", "1", "--warmup-steps", "0",
+                      "--prompt-len", "4", "--new-tokens", "3", "--gen-repeats", "1", "--backends", ",".join(backends),
+                      "--out-dir", str(tmp_path)], show_progress=False)
+    s = data["settings"]
+    assert data["benchmark"] == "model" and s["arch"] == arch
+    assert s["model_class"] == fastgpt.models.MODEL_CLASSES[arch].__name__ and s["config"] == TINY_CONFIGS[arch]
+    assert s["model_config"] == fastgpt.models.model_config(TINY_CONFIGS[arch], vocab_size=256, context_length=16)
+    built = fastgpt.models.build_model(TINY_CONFIGS[arch], vocab_size=256, context_length=16)
+    assert s["parameters"] == sum(p.numel() for p in built.parameters())
     assert [r["backend"] for r in data["results"]] == backends
-    assert data["settings"]["model_config"]["n_layers"] == 2 and data["settings"]["parameters"] > 0
+    by_name = {r["backend"]: r for r in data["results"]}
+    naive, sdpa = by_name["naive"], by_name["sdpa"]
     for row in data["results"]:
         assert row["status"] == "ok", row
-        assert row["train_tokens_per_s"] == pytest.approx(2 * 32 / (row["train_step_ms"] / 1e3))
-        assert row["generate_tokens_per_s"] > 0 and row["train_peak_memory_mb"] > 0
-        assert len(row["generated"]) == 4
-        assert math.isfinite(row["loss"])
-        # Same weights, same batch: every backend computes the same loss (float32, no dropout).
-        assert row["loss_diff_vs_naive"] < 1e-4
-    assert (tmp_path / "cpu_gpt.json").exists()
-    assert "train tok/s" in (tmp_path / "cpu_gpt.md").read_text()
+        assert row["train_tokens_per_s"] == pytest.approx(2 * 16 / (row["train_step_ms"] / 1e3))
+        assert row["generate_tokens_per_s"] == pytest.approx(1 * 3 / (row["generate_ms"] / 1e3))
+        assert row["train_peak_memory_mb"] > 0 and math.isfinite(row["loss"])
+        for base_name, base in (("naive", naive), ("sdpa", sdpa)):  # ratios of this run's own rows
+            assert row[f"train_speedup_vs_{base_name}"] == pytest.approx(
+                row["train_tokens_per_s"] / base["train_tokens_per_s"])
+            assert row[f"generate_speedup_vs_{base_name}"] == pytest.approx(
+                row["generate_tokens_per_s"] / base["generate_tokens_per_s"])
+        # Same weights, same batch and prompt: the same loss and the same greedy tokens (float32, no dropout).
+        assert len(row["generated"]) == 3 and all(0 <= t < 256 for t in row["generated"])
+        assert row["generated"] == naive["generated"] and row["same_tokens_as_naive"] is True
+        assert row["loss_diff_vs_naive"] == abs(row["loss"] - naive["loss"]) < 1e-4
+    assert naive["train_speedup_vs_naive"] == sdpa["train_speedup_vs_sdpa"] == 1.0
+    # Naive's greedy tokens are those of the model itself, generated without the benchmark.
+    torch.manual_seed(s["seed"])
+    reference_model = fastgpt.models.build_model(TINY_CONFIGS[arch], backend="naive", vocab_size=256,
+                                                 context_length=16).eval()
+    gen = torch.Generator().manual_seed(s["seed"])
+    torch.randint(0, 256, (2, 17), generator=gen)  # the training batch, drawn first
+    prompt = torch.randint(0, 256, (1, 4), generator=gen)
+    assert reference_model.generate(prompt, max_new_tokens=3)[0, 4:].tolist() == naive["generated"]
+    assert sorted(data["files"].values()) == [str(tmp_path / f"cpu_model_{arch}.{ext}") for ext in ("json", "md")]
+    written = json.loads((tmp_path / f"cpu_model_{arch}.json").read_text())
+    assert written["results"] == data["results"] and written["settings"]["arch"] == arch
+    text = (tmp_path / f"cpu_model_{arch}.md").read_text()
+    assert "train tok/s" in text and "gen vs sdpa" in text and fastgpt.models.MODEL_CLASSES[arch].__name__ in text
+    assert all(f"| {name} " in text for name in backends)
+    assert f"`fastgpt bench model --arch {arch} " in text  # the command that regenerates the file
+
+
+def test_model_bench_defaults_follow_the_arch():
+    """--arch picks the family's laptop config on the CPU (its GPU size on a GPU); --config alone sets the
+    family; `fastgpt bench gpt` (no --arch) is GPT-2; a config of another family is refused."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    expected = {"gpt2": ("small", "gpt2-small"), "llama3": ("llama3-small", "llama3.2-1b"),
+                "qwen3": ("qwen3-small", "qwen3-0.6b"), "gemma3": ("gemma3-small", "gemma3-270m")}
+    for arch, (on_cpu, on_gpu) in expected.items():
+        args = model.apply_defaults(model.parse_args(["--arch", arch]), cpu)
+        assert (args.arch, args.config, args.context_length, args.batch_size) == (arch, on_cpu, None, 4)
+        cfg = fastgpt.models.model_config(on_cpu)
+        assert cfg["n_layers"] == 4 and cfg["emb_dim"] == 256 and cfg["context_length"] == 256  # seconds a step here
+        args = model.apply_defaults(model.parse_args(["--arch", arch]), cuda)
+        assert args.config == on_gpu and args.batch_size == 8
+        assert args.context_length == (None if arch == "gpt2" else 1024)  # not the 32k-128k of the big configs
+    assert model.parse_args([]).arch == "gpt2"
+    assert model.parse_args(["--config", "qwen3-tiny"]).arch == "qwen3"
+    with pytest.raises(SystemExit):
+        model.parse_args(["--arch", "llama3", "--config", "qwen3-tiny"])
+    assert cli.BENCHMARKS["model"] == "fastgpt.bench.model" and cli.BENCH_ALIASES["gpt"] == "model"

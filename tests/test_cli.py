@@ -89,7 +89,8 @@ def fake_module(monkeypatch, name, calls):
     (["bench", "context", "--max-T", "4096"], "fastgpt.bench.attention", ["--max-T", "4096"]),  # the alias
     (["bench", "layernorm"], "fastgpt.bench.layer_norm", []),
     (["bench", "rmsnorm", "--dtype", "bfloat16"], "fastgpt.bench.rms_norm", ["--dtype", "bfloat16"]),
-    (["bench", "gpt", "--backend", "cpu"], "fastgpt.bench.gpt_e2e", ["--backend", "cpu"]),
+    (["bench", "model", "--arch", "qwen3"], "fastgpt.bench.model", ["--arch", "qwen3"]),
+    (["bench", "gpt", "--backend", "cpu"], "fastgpt.bench.model", ["--backend", "cpu"]),  # the alias
 ])
 def test_bench_and_train_get_their_argv_untouched(monkeypatch, argv, module, passed):
     calls = []
@@ -128,17 +129,22 @@ def test_generate_with_a_laptop_config(offline_vocab, capsys, monkeypatch, name)
 
 
 def test_one_config_registry_for_train_generate_and_bench():
-    """train, generate and the GPT benchmark resolve config names through fastgpt.models alone."""
+    """train, generate and the model benchmark resolve config names through fastgpt.models alone."""
     from fastgpt import cli, models, train
-    from fastgpt.bench import gpt_e2e
+    from fastgpt.bench import model
 
-    assert train.model_config is models.model_config and gpt_e2e.model_config is models.model_config
-    assert train.CONFIG_NAMES is models.CONFIG_NAMES and gpt_e2e.CONFIG_NAMES is models.CONFIG_NAMES
+    assert train.model_config is models.model_config and model.model_config is models.model_config
+    assert train.CONFIG_NAMES is models.CONFIG_NAMES and model.ALL_CONFIG_NAMES is models.ALL_CONFIG_NAMES
+    assert model.ARCHS == tuple(models.FAMILIES) == ("gpt2", "llama3", "qwen3", "gemma3")
+    for device, defaults in model.DEFAULT_CONFIGS.items():  # each --arch's default config is of that family
+        assert set(defaults) == set(model.ARCHS), device
+        for family, (name, _) in defaults.items():
+            assert models.family_of(name) == family, (device, name)
     for name in models.CONFIG_NAMES:
         assert cli._resolve_config(name) == models.model_config(name) == models.CONFIGS[name], name
     assert cli._resolve_config('{"n_layers": 1}') == models.model_config("gpt2-small", n_layers=1)
     # The registry is the only place these names live (test_layers checks no other dict of config keys exists).
-    for module in (train, cli, gpt_e2e):
+    for module in (train, cli, model):
         assert not hasattr(module, "SMALL_CONFIGS") and not hasattr(module, "GPT2_CONFIGS"), module.__name__
 
 

@@ -130,7 +130,7 @@ def test_every_floor_is_inhabited_as_the_brief_says():
                                          "fastgpt.ops", "fastgpt.nn", "fastgpt.models.gpt2", "fastgpt.weights",
                                          "fastgpt.patch", "fastgpt.train", "fastgpt.cli")]
     assert order == sorted(order) and len(set(order)) == len(order)
-    assert floor_of("fastgpt.bench.gpt_e2e") == floor_of("fastgpt.train")
+    assert floor_of("fastgpt.bench.model") == floor_of("fastgpt.train")
 
 
 def _write(path: Path, text: str) -> None:

@@ -252,7 +252,7 @@ def test_configs_are_the_books():
     qwen = model_config("qwen3-0.6b")
     assert (qwen["head_dim"], qwen["qk_norm"], qwen["emb_dim"], qwen["n_layers"]) == (128, True, 1024, 28)
     assert fastgpt.models.family_of("qwen3-32b") == "qwen3" and fastgpt.models.family_of("tiny") == "gpt2"
-    assert "llama3.2-1b" not in fastgpt.models.CONFIG_NAMES  # train / bench gpt take the GPT-2 family only
+    assert "llama3.2-1b" not in fastgpt.models.CONFIG_NAMES  # CONFIG_NAMES: the GPT-2 family, what `fastgpt train` takes
     with pytest.raises(ValueError, match="must be a multiple of n_kv_groups"):
         model_config("llama3-tiny", n_kv_groups=3)
     with pytest.raises(ValueError, match="layer_types must list n_layers=4"):

@@ -5,8 +5,10 @@
   memory vs context length, every backend;
 - layer_norm (`fastgpt bench layernorm`): layer norm forward/backward GB/s vs
   F.layer_norm and the copy bandwidth;
-- gpt_e2e (`fastgpt bench gpt`): GPT-2 training-step and KV-cache generation tokens/s
-  per backend.
+- rms_norm (`fastgpt bench rmsnorm`): RMSNorm (and add + RMSNorm) forward/backward GB/s;
+- model (`fastgpt bench model --arch gpt2|llama3|qwen3|gemma3`, alias `gpt`): a model of
+  fastgpt.models end to end, training-step and KV-cache generation tokens/s per backend
+  against sdpa and naive.
 
 Results go to benchmarks/out/ (git-ignored) unless --out-dir says otherwise; the
 committed ones in benchmarks/results/ are rewritten only by `--out-dir benchmarks/results`

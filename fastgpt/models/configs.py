@@ -3,7 +3,7 @@
 Families and their keys (the book's):
 - gpt2 (chapter 4's GPT_CONFIG_124M): vocab_size, context_length, emb_dim, n_heads,
   n_layers, drop_rate, qkv_bias. CONFIGS / CONFIG_NAMES hold this family (GPT-2 sizes and
-  the laptop ones): what `fastgpt train` and the GPT benchmark take.
+  the laptop ones): what `fastgpt train` takes.
 - llama3, qwen3, gemma3 (the book's Llama 3.2 / Qwen 3 / Gemma 3 chapters): vocab_size,
   context_length, emb_dim, n_heads, n_layers, hidden_dim (feed-forward width),
   n_kv_groups (key/value heads), rope_base (RoPE theta), and optionally head_dim (None:
@@ -15,7 +15,9 @@ Families and their keys (the book's):
   rope_local_base (RoPE theta of the sliding layers; rope_base and rope_freq are the
   full layers'), query_pre_attn_scalar, and optionally attn_softcap / final_softcap.
 model_config(name) looks up every family; family_of(name) says which one a name is.
-The train and generate commands and the GPT benchmark all resolve their --config through model_config.
+Every family has a laptop-sized `<family>-small` (gpt2's is `small`: 4 layers, 256 dims, context 256) and a
+`<family>-tiny` (`tiny`) for tests. The train and generate commands and the model benchmark
+(`fastgpt bench model --arch ...`) all resolve their --config through model_config.
 """
 from __future__ import annotations
 
@@ -62,6 +64,10 @@ LLAMA3_CONFIGS = {
     "llama3-tiny": {"vocab_size": 50257, "context_length": 256, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
                     "hidden_dim": 128, "n_kv_groups": 2, "rope_base": 500_000.0, "norm_eps": 1e-5,
                     "rope_freq": {**_LLAMA32_ROPE_FREQ, "factor": 8.0, "original_context_length": 64}},
+    # laptop size (as GPT-2's "small": 4 layers, 256 dims, context 256): what `fastgpt bench model` times on a CPU
+    "llama3-small": {"vocab_size": 50257, "context_length": 256, "emb_dim": 256, "n_heads": 4, "n_layers": 4,
+                     "hidden_dim": 768, "n_kv_groups": 2, "rope_base": 500_000.0, "norm_eps": 1e-5,
+                     "rope_freq": {**_LLAMA32_ROPE_FREQ, "factor": 8.0, "original_context_length": 64}},
 }
 
 # The book's Qwen 3 dense models (head_dim 128 and QK-norm throughout).
@@ -77,6 +83,9 @@ QWEN3_CONFIGS = {
     "qwen3-tiny": {"vocab_size": 50257, "context_length": 256, "emb_dim": 64, "n_heads": 4, "n_layers": 2,
                    "hidden_dim": 128, "head_dim": 32, "qk_norm": True, "n_kv_groups": 2, "rope_base": 1_000_000.0,
                    "norm_eps": 1e-6},
+    "qwen3-small": {"vocab_size": 50257, "context_length": 256, "emb_dim": 256, "n_heads": 4, "n_layers": 4,
+                    "hidden_dim": 768, "head_dim": 64, "qk_norm": True, "n_kv_groups": 2, "rope_base": 1_000_000.0,
+                    "norm_eps": 1e-6},
 }
 
 # The book's Gemma 3 270M: five sliding-window layers (512 keys, RoPE theta 10k) to one global
@@ -92,6 +101,11 @@ GEMMA3_CONFIGS = {
                     "rope_local_base": 10_000.0, "rope_base": 1_000_000.0, "sliding_window": 16,
                     "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
                     "query_pre_attn_scalar": 32, "norm_eps": 1e-6},
+    "gemma3-small": {"vocab_size": 50257, "context_length": 256, "emb_dim": 256, "n_heads": 4, "n_layers": 4,
+                     "hidden_dim": 768, "head_dim": 64, "qk_norm": True, "n_kv_groups": 1,
+                     "rope_local_base": 10_000.0, "rope_base": 1_000_000.0, "sliding_window": 64,
+                     "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+                     "query_pre_attn_scalar": 64, "norm_eps": 1e-6},
 }
 
 FAMILIES = {"gpt2": CONFIGS, "llama3": LLAMA3_CONFIGS, "qwen3": QWEN3_CONFIGS, "gemma3": GEMMA3_CONFIGS}
