@@ -119,6 +119,15 @@ def flex_attention(compiled: bool = True) -> tuple[AttentionFn | None, str | Non
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention as flex
     except ImportError as error:
         return None, f"this torch has no FlexAttention ({error})"
+    # Each (T, window, grad mode) is a recompilation; past dynamo's limit (8) flex_attention would
+    # silently fall back to its eager path, which materialises (T, T) scores. Raise the limit for the
+    # sweep, and make hitting it an error (an "error" row) rather than a different algorithm.
+    dynamo = torch._dynamo.config
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo, limit):
+            setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
+    if hasattr(dynamo, "fail_on_recompile_limit_hit"):
+        dynamo.fail_on_recompile_limit_hit = True
     run_flex = torch.compile(flex, dynamic=False) if compiled else flex
     block_masks: dict = {}
 
