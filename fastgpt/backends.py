@@ -190,11 +190,8 @@ def _build_registry() -> dict[str, Backend]:
                        _extension_attention, _extension_layer_norm, _extension_rms_norm, _extension_add_rms_norm,
                        features=frozenset({"gqa", "window", "softcap"})),
         "cuda": Backend("cuda", "fused CUDA kernels (csrc/cuda)", FLOAT_DTYPES, (16, 32, 64, 80, 96, 128, 256),
-                        {"cuda": ext["cuda"]}, _extension_attention, _extension_layer_norm,
-                        features=frozenset({"gqa", "window", "softcap"}),
-                        missing={op: (f"the cuda backend has no {op} kernel yet (csrc/cuda has none): "
-                                      "backend='triton' or 'sdpa' runs it on CUDA tensors")
-                                 for op in ("rms_norm", "add_rms_norm")}),
+                        {"cuda": ext["cuda"]}, _extension_attention, _extension_layer_norm, _extension_rms_norm,
+                        _extension_add_rms_norm, features=frozenset({"gqa", "window", "softcap"})),
         "triton": Backend("triton", "fused Triton kernels (fastgpt/triton)", FLOAT_DTYPES,
                           (16, 32, 64, 80, 96, 128, 256), _triton_reasons(),
                           refusals=(Refusal("attention", "cpu", torch.bfloat16,

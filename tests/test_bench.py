@@ -329,9 +329,12 @@ def test_rms_norm_bench_end_to_end(tmp_path):
 
 
 def test_rms_norm_bench_records_why_a_backend_is_not_measured(tmp_path, monkeypatch):
-    """The cuda backend has no rms_norm kernel: where it runs it is listed as not measured, with the reason."""
+    """A backend without an rms_norm kernel (the cuda one, declared so here): where it runs it is listed
+    as not measured, with the reason."""
     from fastgpt import backends
     monkeypatch.setitem(backends.REGISTRY["cuda"].unavailable, "cpu", None)  # as if it ran here
+    monkeypatch.setattr(backends.REGISTRY["cuda"], "missing",
+                        {"rms_norm": "the cuda backend has no rms_norm kernel (test)"})
     usable, unavailable = common.usable_backends("naive,cuda", torch.device("cpu"), op="rms_norm")
     assert usable == ["naive"] and "has no rms_norm kernel" in unavailable["cuda"]
     assert common.usable_backends("naive,cuda", torch.device("cpu"), op="layer_norm") == (["naive", "cuda"], {})

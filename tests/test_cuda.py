@@ -1,5 +1,5 @@
 """CUDA-specific tests of the `cuda` backend (csrc/cuda); the shared correctness tests of
-test_attention.py and test_layer_norm.py already run it through the `kernel` fixture on a GPU.
+test_attention.py, test_layer_norm.py and test_rms_norm.py already run it through the `kernel` fixture on a GPU.
 
 Without a GPU:
 - the build registers the CUDA kernels whenever it could compile them;
@@ -21,7 +21,8 @@ import fastgpt
 from fastgpt import backends, reference
 from checks import assert_close, attention_oracle, make_qkv, padding_mask
 
-OPS = ("attention_fwd", "attention_bwd", "layer_norm_fwd", "layer_norm_bwd")
+OPS = ("attention_fwd", "attention_bwd", "layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "add_rms_norm_fwd",
+       "rms_norm_bwd")
 HAS_GPU = torch.cuda.is_available()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,6 +219,94 @@ def test_emulated_layer_norm_matches_oracle(emulator, case, dtype, reverse_order
         assert_close(g, w, s, what=name)
     x64 = x.double()
     assert_close(rstd, (x64.var(-1, unbiased=False) + 1e-5).rsqrt(), what="rstd")
+
+
+def test_emulated_rms_norm_with_no_rows(emulator):
+    x = torch.empty(0, 64)
+    for weight in (torch.ones(64), None):
+        y, total, rstd = emulator.rms_norm_fwd(x, None, weight, 1e-6, 1.0, False, False)
+        assert y.shape == (0, 64) and total is None and rstd.shape == (0,) and rstd.dtype == torch.float32
+        y, total, rstd = emulator.rms_norm_fwd(x, x, weight, 1e-6, 1.0, False, False)
+        assert y.shape == total.shape == (0, 64) and rstd.shape == (0,)
+        grad_x, grad_w = emulator.rms_norm_bwd(x, x, weight, rstd, 1.0, 3, False, False)
+        assert grad_x.shape == (0, 64)
+        assert grad_w.shape == ((64,) if weight is not None else (0,)) and (grad_w == 0).all()
+
+
+def test_emulated_rms_norm_refuses_float64(emulator):
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"fastgpt::rms_norm_fwd: dtype must be float16, bfloat16 or float32"):
+        emulator.rms_norm_fwd(x, None, None, 1e-6, 0.0, False, False)
+    with pytest.raises(RuntimeError, match=r"fastgpt::add_rms_norm_fwd: dtype must be float16, bfloat16 or float32"):
+        emulator.rms_norm_fwd(x, x, None, 1e-6, 0.0, False, False)
+    with pytest.raises(RuntimeError, match=r"fastgpt::rms_norm_bwd: dtype must be float16, bfloat16 or float32"):
+        emulator.rms_norm_bwd(x, x, None, torch.ones(3), 0.0, 3, False, False)
+
+
+# (N, C): C = 1 and odd C (the generic path), warp rows (C <= 128 vectors), block rows, C at
+# the block rows' limit for 16-bit types (generic for float32), a large odd C.
+EMULATED_RMS_NORM = [(7, 1), (40, 256), (3, 8), (37, 1600), (9, 8192), (5, 4099)]
+RMS_VARIANTS = [("weight", 0.0), ("weight", 1.0), ("none", 1.0)]  # (weight, offset)
+
+
+def rms_inputs(N, C, dtype, with_weight, seed=0):
+    gen = torch.Generator().manual_seed(N * 7919 + C + seed)
+    x = (2 * torch.randn(N, C, generator=gen, dtype=torch.float64)).to(dtype)
+    residual = torch.randn(N, C, generator=gen, dtype=torch.float64).to(dtype)
+    weight = (0.5 * torch.randn(C, generator=gen, dtype=torch.float64)).to(dtype) if with_weight else None
+    grad_y = torch.randn(N, C, generator=gen, dtype=torch.float64).to(dtype)
+    return x, residual, weight, grad_y
+
+
+def rms_reference(h, weight, grad_y, offset, precision):
+    """(y, dh, dweight or None) of reference.rms_norm computed in `precision`."""
+    leaves = [h.to(precision).requires_grad_()] + ([weight.to(precision).requires_grad_()] if weight is not None
+                                                    else [])
+    out = reference.rms_norm(leaves[0], leaves[1] if weight is not None else None, 1e-6, offset)
+    grads = torch.autograd.grad(out, leaves, grad_y.to(precision))
+    return out.detach(), grads[0], grads[1] if weight is not None else None
+
+
+@pytest.mark.parametrize("reverse_order,copy_at_wait", SCHEDULES, ids=["forward-order", "reverse-order-late-copies"])
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("variant", RMS_VARIANTS, ids=lambda v: "{}-offset{}".format(*v))
+@pytest.mark.parametrize("add", (False, True), ids=["rms_norm", "add_rms_norm"])
+@pytest.mark.parametrize("case", EMULATED_RMS_NORM, ids=lambda c: "N{}C{}".format(*c))
+def test_emulated_rms_norm_matches_oracle(emulator, case, add, variant, dtype, reverse_order, copy_at_wait):
+    (N, C), (with_weight, offset) = case, variant
+    x, residual, weight, grad_y = rms_inputs(N, C, dtype, with_weight == "weight")
+    y, total, rstd = emulator.rms_norm_fwd(x, residual if add else None, weight, 1e-6, offset, reverse_order,
+                                           copy_at_wait)
+    if add:  # the sum rounded to x's dtype, exactly as the unfused x + residual
+        assert total.dtype == dtype and torch.equal(total, x + residual), "sum"
+        h = total
+    else:
+        assert total is None
+        h = x
+    grad_x, grad_w = emulator.rms_norm_bwd(grad_y, h, weight, rstd, offset, 3, reverse_order, copy_at_wait)
+    want = rms_reference(h, weight, grad_y, offset, torch.float64)
+    same = rms_reference(h, weight, grad_y, offset, dtype) if dtype != torch.float32 else want
+    assert y.dtype == grad_x.dtype == dtype and rstd.dtype == torch.float32 and rstd.shape == (N,)
+    assert_close(y, want[0], same[0], what="y")
+    assert_close(grad_x, want[1], same[1], what="dx")
+    if weight is None:
+        assert grad_w.shape == (0,) and grad_w.dtype == dtype
+    else:
+        assert grad_w.shape == (C,) and grad_w.dtype == dtype
+        assert_close(grad_w, want[2], same[2], what="dweight")
+    h64 = h.double()
+    assert_close(rstd, (h64.pow(2).mean(-1) + 1e-6).rsqrt(), what="rstd")
+
+
+@pytest.mark.parametrize("case", [(40, 256), (37, 1600), (5, 4099)], ids=lambda c: "N{}C{}".format(*c))
+def test_emulated_rms_norm_grad_weight_does_not_depend_on_the_schedule(emulator, case):
+    """The per-block partial sums are added in a fixed order: both fiber orders give the same bits."""
+    N, C = case
+    x, _, weight, grad_y = rms_inputs(N, C, torch.bfloat16, True, seed=1)
+    _, _, rstd = emulator.rms_norm_fwd(x, None, weight, 1e-6, 1.0, False, False)
+    first = emulator.rms_norm_bwd(grad_y, x, weight, rstd, 1.0, 3, False, False)
+    second = emulator.rms_norm_bwd(grad_y, x, weight, rstd, 1.0, 3, True, True)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
 # ---- op-level errors ------------------------------------------------------------------------

@@ -60,7 +60,8 @@ def test_forward_ops_are_differentiable(op):
 
 
 def test_cuda_ops_are_the_cuda_backends_ops():
-    assert set(CUDA_OPS) == {"attention_fwd", "attention_bwd", "layer_norm_fwd", "layer_norm_bwd"}
+    assert set(CUDA_OPS) == {"attention_fwd", "attention_bwd", "layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd",
+                             "add_rms_norm_fwd", "rms_norm_bwd"}
 
 
 @pytest.mark.cuda

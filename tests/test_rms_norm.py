@@ -1,8 +1,8 @@
 """fastgpt.rms_norm and fastgpt.add_rms_norm on every fused backend (cpu, cuda, triton) against the
 float64 oracle fastgpt.reference.rms_norm / add_rms_norm: outputs and gradients in x, weight and
 residual over odd shapes, every dtype, offset 0 and 1 (Gemma), weight None, 3-D and non-contiguous
-input. Then the public API's contract (torch.nn.RMSNorm equivalence, the registry's refusal on
-cuda, input validation), and the C++ ops' own: saved rstd, gradcheck, opcheck, thread-count
+input. Then the public API's contract (torch.nn.RMSNorm equivalence, the registry's `missing` refusal on
+a fake backend, input validation), and the C++ ops' own: saved rstd, gradcheck, opcheck, thread-count
 independence, argument checks; the Triton ops' opcheck and their sm_90 compile.
 """
 import os
@@ -194,37 +194,51 @@ def test_weight_is_cast_to_the_dtype_of_x():
     assert weight.grad is not None and weight.grad.dtype == torch.float32
 
 
-def test_registry_says_cuda_has_no_rms_norm_kernel():
-    cuda = backends.REGISTRY["cuda"]
+def test_registry_says_every_backend_has_rms_norm_kernels():
     for op in ("rms_norm", "add_rms_norm"):
-        assert cuda.lacks(op) is not None and f"no {op} kernel" in cuda.lacks(op)
-        assert op not in fastgpt.info()["cuda"]["ops"] and op in fastgpt.info()["cuda"]["missing_ops"]
-        for name in ("naive", "sdpa", "cpu", "triton"):
+        for name in ("naive", "sdpa", "cpu", "cuda", "triton"):
             assert backends.REGISTRY[name].lacks(op) is None, name
-    # Declared for any device: a CUDA tensor's explicit request is refused for the kernel, auto skips it.
+        assert op in fastgpt.info()["cuda"]["ops"] and op not in fastgpt.info()["cuda"]["missing_ops"]
+    assert backends.REGISTRY["cuda"].rms_norm is backends._extension_rms_norm
+    assert backends.REGISTRY["cuda"].add_rms_norm is backends._extension_add_rms_norm
+
+
+LACKS_RMS_NORM = {op: f"the fake-cuda backend has no {op} kernel (test): backend='triton' or 'sdpa' runs it"
+                  for op in ("rms_norm", "add_rms_norm")}
+
+
+def test_a_backend_declared_missing_an_op_is_refused_for_it():
+    """The registry's `missing` mechanism, on a fake CUDA backend that lacks the RMSNorm kernels."""
     with_cuda = backends.Backend("fake-cuda", "test", backends.FLOAT_DTYPES, None, {"cuda": None},
-                                 layer_norm=lambda *a: None, missing=dict(cuda.missing))
+                                 layer_norm=lambda *a: None, missing=dict(LACKS_RMS_NORM))
     backends.REGISTRY["fake-cuda"] = with_cuda
     try:
+        for op in ("rms_norm", "add_rms_norm"):
+            assert with_cuda.lacks(op) == LACKS_RMS_NORM[op]
         why = backends.refusal("fake-cuda", "rms_norm", torch.device("cuda"), torch.float32)
-        assert why == cuda.missing["rms_norm"] and "backend='triton' or 'sdpa'" in why
+        assert why == LACKS_RMS_NORM["rms_norm"] and "backend='triton' or 'sdpa'" in why
         with pytest.raises(NotImplementedError, match=r"fastgpt.rms_norm: backend='fake-cuda' cannot run this call: "
-                                                      r"the cuda backend has no rms_norm kernel yet"):
+                                                      r"the fake-cuda backend has no rms_norm kernel"):
             backends.select("fake-cuda", torch.device("cuda"), torch.float32, op="rms_norm")
         assert backends.refusal("fake-cuda", "layer_norm", torch.device("cuda"), torch.float32) is None
     finally:
         del backends.REGISTRY["fake-cuda"]
 
 
-def test_auto_on_cuda_tensors_skips_the_cuda_backend(monkeypatch):
-    """As if the CUDA kernels and Triton ran here: auto picks triton for rms_norm, cuda for layer_norm."""
+def test_auto_on_cuda_tensors_picks_the_cuda_backend_unless_it_lacks_the_op(monkeypatch):
+    """As if the CUDA kernels and Triton ran here: auto picks cuda for every norm; a cuda backend
+    declared missing the RMSNorm kernels is passed over for triton, and refused when asked for."""
     for name in ("cuda", "triton"):
         monkeypatch.setitem(backends.REGISTRY[name].unavailable, "cuda", None)
     monkeypatch.setattr(backends.REGISTRY["triton"], "rms_norm", backends.REGISTRY["triton"].rms_norm or (lambda *a: None))
     cuda = torch.device("cuda")
+    for op in ("rms_norm", "add_rms_norm", "layer_norm"):
+        assert backends.select("auto", cuda, torch.bfloat16, op=op).name == "cuda", op
+    assert backends.select("cuda", cuda, torch.bfloat16, op="add_rms_norm").name == "cuda"
+    monkeypatch.setattr(backends.REGISTRY["cuda"], "missing", dict(LACKS_RMS_NORM))
     assert backends.select("auto", cuda, torch.bfloat16, op="rms_norm").name == "triton"
     assert backends.select("auto", cuda, torch.bfloat16, op="layer_norm").name == "cuda"
-    with pytest.raises(NotImplementedError, match="the cuda backend has no add_rms_norm kernel yet"):
+    with pytest.raises(NotImplementedError, match="the fake-cuda backend has no add_rms_norm kernel"):
         backends.select("cuda", cuda, torch.bfloat16, op="add_rms_norm")
 
 

@@ -1,5 +1,5 @@
 // Host-side glue between torch tensors and the kernels, shared by the extension's wrappers
-// (attention.cu, layer_norm.cu) and the CPU emulator of the kernels (emulator/emulator.cpp),
+// (attention.cu, layer_norm.cu, rms_norm.cu) and the CPU emulator of the kernels (emulator/emulator.cpp),
 // so both pick the same instantiations, hand them exactly the same parameters and allocate
 // the same outputs and scratch. Argument checks are not here: csrc/checks.h (the wrappers).
 #pragma once
@@ -23,6 +23,7 @@
 
 #include "cuda/attention.h"
 #include "cuda/layer_norm.cuh"
+#include "cuda/rms_norm.cuh"
 
 namespace fastgpt::cuda {
 
@@ -152,6 +153,74 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> run_layer_norm_bwd(
     launch_layer_norm_bwd<Element>(p, stream);
   });
   return {grad_x, grad_weight, grad_bias};
+}
+
+// ---- RMSNorm
+
+// x (N, C), residual (N, C) or None (rms_norm), weight (C,) or None, contiguous in one dtype ->
+// y (N, C), sum (N, C) (x + residual; undefined without a residual), rstd (N,) float32, launched on `stream`.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> run_rms_norm_fwd(const at::Tensor& x,
+                                                                       const std::optional<at::Tensor>& residual,
+                                                                       const std::optional<at::Tensor>& weight,
+                                                                       double eps, double offset,
+                                                                       cudaStream_t stream) {
+  const int64_t N = x.size(0);
+  const char* op = residual.has_value() ? "fastgpt::add_rms_norm_fwd" : "fastgpt::rms_norm_fwd";
+  at::Tensor y = at::empty_like(x);                                    // (N, C)
+  at::Tensor sum = residual.has_value() ? at::empty_like(x) : at::Tensor();  // (N, C)
+  at::Tensor rstd = at::empty({N}, x.options().dtype(at::kFloat));      // (N,)
+  dispatch_element_type(x.scalar_type(), op, [&](auto) {});  // the dtype check, also for N == 0
+  if (N == 0) return {y, sum, rstd};
+  RmsNormParams p{};
+  p.x = x.data_ptr(), p.y = y.data_ptr(), p.rstd = rstd.data_ptr<float>();
+  p.residual = residual.has_value() ? residual->data_ptr() : nullptr;
+  p.sum = residual.has_value() ? sum.data_ptr() : nullptr;
+  p.weight = weight.has_value() ? weight->data_ptr() : nullptr;
+  p.rows = N, p.cols = int(x.size(1)), p.eps = float(eps), p.offset = float(offset);
+  dispatch_element_type(x.scalar_type(), op,
+                        [&](auto element) { launch_rms_norm_fwd<decltype(element)>(p, stream); });
+  return {y, sum, rstd};
+}
+
+// grad_y, x (N, C), weight (C,) or None contiguous, rstd (N,) float32 contiguous -> grad_x (N, C),
+// grad_weight (C,) (empty (0,) without a weight), launched on `stream` with at most `max_blocks`
+// row blocks; scratch as run_layer_norm_bwd's (`scratch_fill`: the emulator's NaN).
+inline std::tuple<at::Tensor, at::Tensor> run_rms_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                                                           const std::optional<at::Tensor>& weight,
+                                                           const at::Tensor& rstd, double offset, int64_t max_blocks,
+                                                           cudaStream_t stream,
+                                                           std::optional<float> scratch_fill = std::nullopt) {
+  const int64_t N = x.size(0), C = x.size(1);
+  const char* op = "fastgpt::rms_norm_bwd";
+  at::Tensor grad_x = at::empty_like(x);                                  // (N, C)
+  at::Tensor grad_weight = at::empty({weight.has_value() ? C : 0}, x.options());  // (C,) or (0,)
+  dispatch_element_type(x.scalar_type(), op, [&](auto) {});
+  if (N == 0) {
+    grad_weight.zero_();
+    return {grad_x, grad_weight};
+  }
+  RmsNormParams p{};
+  p.x = x.data_ptr(), p.grad_y = grad_y.data_ptr(), p.grad_x = grad_x.data_ptr();
+  p.weight = weight.has_value() ? weight->data_ptr() : nullptr;
+  p.rstd = rstd.data_ptr<float>();
+  p.grad_weight = weight.has_value() ? grad_weight.data_ptr() : nullptr;
+  p.rows = N, p.cols = int(C), p.offset = float(offset);
+  dispatch_element_type(x.scalar_type(), op, [&](auto element) {
+    using Element = decltype(element);
+    const RowShape shape = row_shape<Element>(p);
+    const int64_t rows_per_block = shape == RowShape::kWarp ? kNormThreads / 32 : 1;
+    p.partial_rows = int(std::min<int64_t>(max_blocks, (N + rows_per_block - 1) / rows_per_block));
+    at::Tensor partial;
+    if (weight.has_value()) {
+      const auto options = x.options().dtype(at::kFloat);
+      partial = shape == RowShape::kGeneric ? at::zeros({p.partial_rows, C}, options)  // accumulated
+                : scratch_fill.has_value()  ? at::full({p.partial_rows, C}, *scratch_fill, options)
+                                            : at::empty({p.partial_rows, C}, options);
+      p.partial = partial.data_ptr<float>();  // (partial_rows, C)
+    }
+    launch_rms_norm_bwd<Element>(p, stream);
+  });
+  return {grad_x, grad_weight};
 }
 
 }  // namespace fastgpt::cuda

@@ -23,6 +23,7 @@
 
 #include <cstdint>
 
+#include "cuda/norm_common.cuh"
 #include "cuda/ptx.cuh"
 #include "cuda/vector_io.cuh"
 
@@ -46,28 +47,8 @@ struct LayerNormParams {
   float eps;
 };
 
-constexpr int kLayerNormThreads = 256;
-constexpr int kLayerNormMaxVecs = 4;  // vectors per thread on the vector path
-
-// Sum of `value` over the kThreadsPerRow threads of a row: a warp (shuffles) or the
-// whole block (shuffles, then one value per warp through `scratch`, >= 8 floats).
-template <int kThreadsPerRow>
-__device__ __forceinline__ float row_sum(float value, float* scratch) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  if constexpr (kThreadsPerRow == 32) {
-    return value;
-  } else {
-    static_assert(kThreadsPerRow == kLayerNormThreads, "a row is a warp or the whole block");
-    __syncthreads();  // the previous call's readers are done with scratch
-    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = value;
-    __syncthreads();
-    float total = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kThreadsPerRow / 32; ++w) total += scratch[w];
-    return total;
-  }
-}
+constexpr int kLayerNormThreads = kNormThreads;
+constexpr int kLayerNormMaxVecs = kNormMaxVecs;  // vectors per thread on the vector path
 
 // x̂ = (x - mean) · rstd with mean = saved_mean + correction (kept apart, never rounded
 // into one float): x - saved_mean is exact for x near saved_mean, and the correction is
@@ -138,16 +119,15 @@ __global__ void __launch_bounds__(kLayerNormThreads) layer_norm_fwd_vector_kerne
 template <typename Element, int kThreadsPerRow>
 __global__ void __launch_bounds__(kLayerNormThreads, 2) layer_norm_bwd_vector_kernel(const LayerNormParams p) {
   constexpr int kVec = kVecElems<Element>, kRowsPerBlock = kLayerNormThreads / kThreadsPerRow;
-  // warp rows: per block dw, db of C <= 32 · kLayerNormMaxVecs · kVec columns
-  constexpr int kSharedCols = kThreadsPerRow == 32 ? 32 * kLayerNormMaxVecs * kVec : 1;
   __shared__ float scratch[kLayerNormThreads / 32];
-  __shared__ float block_dw[kSharedCols], block_db[kSharedCols];
   const int part = threadIdx.x % kThreadsPerRow, n_vecs = p.cols / kVec;
 
   // x, g and w stay packed between the two passes over a row (half the registers of
   // floats); the dw, db shares are float32.
   uint4 w_raw[kLayerNormMaxVecs];
-  float dw[kLayerNormMaxVecs][kVec], db[kLayerNormMaxVecs][kVec];
+  float sums[2][kLayerNormMaxVecs][kVec];  // dw, db
+  auto& dw = sums[0];
+  auto& db = sums[1];
 #pragma unroll
   for (int j = 0; j < kLayerNormMaxVecs; ++j) {
     const int vec = part + j * kThreadsPerRow;
@@ -220,45 +200,7 @@ __global__ void __launch_bounds__(kLayerNormThreads, 2) layer_norm_bwd_vector_ke
     }
   }
 
-  float* partial_dw = p.partial + int64_t(blockIdx.x) * 2 * p.cols;
-  float* partial_db = partial_dw + p.cols;
-  if constexpr (kThreadsPerRow == 32) {
-    // The warps add their shares one after the other (a fixed order: the result does not
-    // depend on scheduling, unlike shared-memory atomics).
-    for (int col = threadIdx.x; col < p.cols; col += kLayerNormThreads) block_dw[col] = block_db[col] = 0.0f;
-    for (int turn = 0; turn < kRowsPerBlock; ++turn) {
-      __syncthreads();
-      if (threadIdx.x / 32 != turn) continue;
-#pragma unroll
-      for (int j = 0; j < kLayerNormMaxVecs; ++j) {
-        const int vec = part + j * kThreadsPerRow;
-        if (vec < n_vecs) {
-#pragma unroll
-          for (int i = 0; i < kVec; ++i) {
-            block_dw[vec * kVec + i] += dw[j][i];
-            block_db[vec * kVec + i] += db[j][i];
-          }
-        }
-      }
-    }
-    __syncthreads();
-    for (int col = threadIdx.x; col < p.cols; col += kLayerNormThreads) {
-      partial_dw[col] = block_dw[col];
-      partial_db[col] = block_db[col];
-    }
-  } else {  // one row per block: each column belongs to exactly one thread
-#pragma unroll
-    for (int j = 0; j < kLayerNormMaxVecs; ++j) {
-      const int vec = part + j * kThreadsPerRow;
-      if (vec < n_vecs) {
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          partial_dw[vec * kVec + i] = dw[j][i];
-          partial_db[vec * kVec + i] = db[j][i];
-        }
-      }
-    }
-  }
+  write_block_partials<kThreadsPerRow>(sums, p.partial + int64_t(blockIdx.x) * 2 * p.cols, p.cols);
 }
 
 // ---------------------------------------------------------------------------------
@@ -332,11 +274,8 @@ template <typename Element>
 __global__ void __launch_bounds__(kLayerNormThreads) layer_norm_bwd_reduce_kernel(const LayerNormParams p) {
   const int col = blockIdx.x * kLayerNormThreads + threadIdx.x;
   if (col >= p.cols) return;
-  float dw = 0.0f, db = 0.0f;
-  for (int b = 0; b < p.partial_rows; ++b) {
-    dw += p.partial[(int64_t(b) * 2) * p.cols + col];
-    db += p.partial[(int64_t(b) * 2 + 1) * p.cols + col];
-  }
+  const float dw = partial_column_sum(p.partial, p.partial_rows, 2, 0, p.cols, col);
+  const float db = partial_column_sum(p.partial, p.partial_rows, 2, 1, p.cols, col);
   static_cast<Element*>(p.grad_weight)[col] = from_float<Element>(dw);
   static_cast<Element*>(p.grad_bias)[col] = from_float<Element>(db);
 }
@@ -345,20 +284,12 @@ __global__ void __launch_bounds__(kLayerNormThreads) layer_norm_bwd_reduce_kerne
 // Launchers (host).
 
 // Which kernel shape serves a row of `cols` elements (see the top of this file).
-enum class RowShape { kWarp, kBlock, kGeneric };
-
 template <typename Element>
 RowShape row_shape(const LayerNormParams& p) {
-  constexpr int kVec = kVecElems<Element>;
-  const auto aligned = [](const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; };
-  const bool vectors = p.cols % kVec == 0 && aligned(p.x) && aligned(p.weight) &&
-                       (p.bias == nullptr || aligned(p.bias)) && (p.grad_y == nullptr || aligned(p.grad_y)) &&
-                       (p.y == nullptr || aligned(p.y)) && (p.grad_x == nullptr || aligned(p.grad_x));
-  if (!vectors) return RowShape::kGeneric;
-  const int n_vecs = p.cols / kVec;
-  if (n_vecs <= 32 * kLayerNormMaxVecs) return RowShape::kWarp;
-  if (n_vecs <= kLayerNormThreads * kLayerNormMaxVecs) return RowShape::kBlock;
-  return RowShape::kGeneric;
+  const bool aligned = aligned_16(p.x) && aligned_16(p.weight) && (p.bias == nullptr || aligned_16(p.bias)) &&
+                       (p.grad_y == nullptr || aligned_16(p.grad_y)) && (p.y == nullptr || aligned_16(p.y)) &&
+                       (p.grad_x == nullptr || aligned_16(p.grad_x));
+  return row_shape_for<Element>(p.cols, aligned);
 }
 
 template <typename Element>

@@ -15,12 +15,13 @@
 #include "cuda/attention_bwd.cuh"
 #include "cuda/attention_fwd.cuh"
 #include "cuda/layer_norm.cuh"
+#include "cuda/rms_norm.cuh"
 #include "cuda/host.h"
 
 namespace fastgpt::cuda {
 namespace {
 
-void configure(bool reverse_order, bool copy_at_wait, std::initializer_list<const at::Tensor*> inputs) {
+void configure_ranges(bool reverse_order, bool copy_at_wait, const std::vector<const at::Tensor*>& inputs) {
   auto& rt = fastgpt_emu::runtime();
   rt.reverse_order = reverse_order;
   rt.copy_at_wait = copy_at_wait;
@@ -30,6 +31,10 @@ void configure(bool reverse_order, bool copy_at_wait, std::initializer_list<cons
     for (int64_t d = 0; d < t->dim(); ++d) last += (t->size(d) - 1) * t->stride(d);
     rt.global_ranges.push_back({t->data_ptr(), size_t(last + 1) * t->element_size()});
   }
+}
+
+void configure(bool reverse_order, bool copy_at_wait, std::initializer_list<const at::Tensor*> inputs) {
+  configure_ranges(reverse_order, copy_at_wait, std::vector<const at::Tensor*>(inputs));
 }
 
 // As attention.cu: last dim contiguous (CPU allocations are aligned enough).
@@ -90,6 +95,29 @@ std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& grad_y, const at::Tenso
   return {grad_x, grad_weight, grad_bias};
 }
 
+// RMSNorm: residual None = rms_norm_fwd (sum comes back undefined, None in Python).
+std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                     const std::optional<at::Tensor>& weight, double eps, double offset,
+                                     bool reverse_order, bool copy_at_wait) {
+  std::vector<const at::Tensor*> inputs{&x};
+  if (residual.has_value()) inputs.push_back(&*residual);
+  if (weight.has_value()) inputs.push_back(&*weight);
+  configure_ranges(reverse_order, copy_at_wait, inputs);
+  auto [y, sum, rstd] = run_rms_norm_fwd(x, residual, weight, eps, offset, nullptr);
+  return {y, sum, rstd};
+}
+
+// `blocks` and the NaN scratch as layer_norm_bwd's.
+std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                                     const std::optional<at::Tensor>& weight, const at::Tensor& rstd, double offset,
+                                     int64_t blocks, bool reverse_order, bool copy_at_wait) {
+  std::vector<const at::Tensor*> inputs{&x, &grad_y};
+  if (weight.has_value()) inputs.push_back(&*weight);
+  configure_ranges(reverse_order, copy_at_wait, inputs);
+  auto [grad_x, grad_weight] = run_rms_norm_bwd(grad_y, x, weight, rstd, offset, blocks, nullptr, NAN);
+  return {grad_x, grad_weight};
+}
+
 // The head dims attention.h compiles (tests/test_cuda.py compares them with fastgpt/backends.py).
 std::vector<int64_t> attention_head_dims() {
   return std::vector<int64_t>(std::begin(kAttentionHeadDims), std::end(kAttentionHeadDims));
@@ -103,5 +131,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bwd", &fastgpt::cuda::attention_bwd);
   m.def("layer_norm_fwd", &fastgpt::cuda::layer_norm_fwd);
   m.def("layer_norm_bwd", &fastgpt::cuda::layer_norm_bwd);
+  m.def("rms_norm_fwd", &fastgpt::cuda::rms_norm_fwd);
+  m.def("rms_norm_bwd", &fastgpt::cuda::rms_norm_bwd);
   m.def("attention_head_dims", &fastgpt::cuda::attention_head_dims);
 }
