@@ -50,6 +50,23 @@ _QKV = ("W_query", "W_key", "W_value")
 _BOOK_NORM_NAMES = (("scale", "weight"), ("shift", "bias"))  # (the book's, torch's)
 
 
+def _last_dim_shape(normalized_shape, module: str) -> tuple[int]:
+    """normalized_shape as a 1-tuple; the norms of this file normalise over the last dim only."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if len(shape) != 1:
+        raise ValueError(f"fastgpt.nn.{module} normalises over the last dim only: normalized_shape must be an "
+                         f"int or a 1-tuple, got {normalized_shape!r}; use torch.nn.{module} to normalise "
+                         f"over several dims")
+    return shape
+
+
+def _load_book_norm_names(state_dict: dict, prefix: str, names=_BOOK_NORM_NAMES) -> None:
+    """Renames the book's names (scale / shift) of a norm at `prefix` to torch's (weight / bias), in place."""
+    for book_name, torch_name in names:
+        if prefix + book_name in state_dict and prefix + torch_name not in state_dict:
+            state_dict[prefix + torch_name] = state_dict.pop(prefix + book_name)
+
+
 class KVCache:
     """The keys and values one attention module has seen so far, pre-allocated for max_len tokens."""
 
@@ -89,11 +106,7 @@ class LayerNorm(nn.Module):
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
                  device=None, dtype=None, *, backend: str = "auto"):
         super().__init__()
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-        if len(shape) != 1:
-            raise ValueError(f"fastgpt.nn.LayerNorm normalises over the last dim only: normalized_shape must be an "
-                             f"int or a 1-tuple, got {normalized_shape!r}; use torch.nn.LayerNorm to normalise "
-                             f"over several dims")
+        shape = _last_dim_shape(normalized_shape, "LayerNorm")
         self.normalized_shape = shape
         self.eps = eps
         self.elementwise_affine = elementwise_affine
@@ -123,9 +136,7 @@ class LayerNorm(nn.Module):
                 f"backend={self.backend!r}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for book_name, torch_name in _BOOK_NORM_NAMES:
-            if prefix + book_name in state_dict and prefix + torch_name not in state_dict:
-                state_dict[prefix + torch_name] = state_dict.pop(prefix + book_name)
+        _load_book_norm_names(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -141,11 +152,7 @@ class RMSNorm(nn.Module):
     def __init__(self, normalized_shape, eps: float | None = None, elementwise_affine: bool = True,
                  device=None, dtype=None, *, offset: float = 0.0, backend: str = "auto"):
         super().__init__()
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-        if len(shape) != 1:
-            raise ValueError(f"fastgpt.nn.RMSNorm normalises over the last dim only: normalized_shape must be an "
-                             f"int or a 1-tuple, got {normalized_shape!r}; use torch.nn.RMSNorm to normalise "
-                             f"over several dims")
+        shape = _last_dim_shape(normalized_shape, "RMSNorm")
         self.normalized_shape = shape
         self.eps = eps
         self.offset = float(offset)
@@ -184,8 +191,7 @@ class RMSNorm(nn.Module):
                 f"{offset}, backend={self.backend!r}")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if prefix + "scale" in state_dict and prefix + "weight" not in state_dict:
-            state_dict[prefix + "weight"] = state_dict.pop(prefix + "scale")
+        _load_book_norm_names(state_dict, prefix, _BOOK_NORM_NAMES[:1])  # no bias: a `shift` stays unexpected
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -571,11 +571,12 @@ def _book_cached_attention(module: nn.Module, backend: str) -> tuple[nn.Module |
     _share(new, linears)
     new.dropout = dropout
     like = linears[0].weight
-    _adopt_training(new, module)
-    why = _interface_mismatch(module, new) or _cache_mismatch(module, new, d_in, like)
-    if why:
-        return None, f"not the book's KV-cache attention: {why}"
-    return _verified(module, new, _attention_probes(d_in, context_length, like), "the book's KV-cache attention")
+    what = "the book's KV-cache attention"
+    swapped, why = _verified(module, new, _attention_probes(d_in, context_length, like), what)
+    if swapped is not None:  # the uncached calls agree (and so does the interface): now the cached ones
+        why = _cache_mismatch(module, new, d_in, like)
+        why = f"not {what}: {why}" if why else ""
+    return (None if why else swapped), why
 
 
 def _fastgpt_native(module: nn.Module) -> str | None:

@@ -8,7 +8,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <tuple>
 
 #include "checks.h"
@@ -18,19 +17,12 @@
 namespace fastgpt::cuda {
 namespace {
 
-// csrc/checks.h, plus what only the CUDA kernels need.
-void check_cuda_inputs(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.size(1) <= std::numeric_limits<int>::max(), op, ": C must be at most ",
-              std::numeric_limits<int>::max(), ", got ", x.size(1));
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                                    const at::Tensor& bias, double eps) {
   const char* op = "fastgpt::layer_norm_fwd";
   check_layer_norm_inputs(op, x, {{"weight", &weight}, {"bias", &bias}});
   TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
-  check_cuda_inputs(op, x);
+  check_norm_cuda_inputs(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
   check_compute_capability();
   auto outputs = run_layer_norm_fwd(x.contiguous(), weight.contiguous(), bias.contiguous(), eps,
@@ -45,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
   const char* op = "fastgpt::layer_norm_bwd";
   check_layer_norm_inputs(op, x, {{"weight", &weight}});
   check_layer_norm_bwd_inputs(op, grad_y, x, mean, rstd);
-  check_cuda_inputs(op, x);
+  check_norm_cuda_inputs(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
   check_compute_capability();
   // Two blocks per SM stream through the rows; fewer when there are fewer row groups.

@@ -8,7 +8,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -19,13 +18,6 @@
 namespace fastgpt::cuda {
 namespace {
 
-// csrc/checks.h, plus what only the CUDA kernels need.
-void check_cuda_inputs(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.size(1) <= std::numeric_limits<int>::max(), op, ": C must be at most ",
-              std::numeric_limits<int>::max(), ", got ", x.size(1));
-}
-
 std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional(t->contiguous()) : std::nullopt;
 }
@@ -35,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const 
   const char* op = "fastgpt::rms_norm_fwd";
   check_rms_norm_inputs(op, x, weight, offset);
   check_eps(op, eps);
-  check_cuda_inputs(op, x);
+  check_norm_cuda_inputs(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
   check_compute_capability();
   auto [y, sum, rstd] = run_rms_norm_fwd(x.contiguous(), std::nullopt, contiguous(weight), eps, offset,
@@ -50,7 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd_cuda(const at::T
   const char* op = "fastgpt::add_rms_norm_fwd";
   check_rms_norm_inputs(op, x, weight, offset, &residual);
   check_eps(op, eps);
-  check_cuda_inputs(op, x);
+  check_norm_cuda_inputs(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
   check_compute_capability();
   auto outputs = run_rms_norm_fwd(x.contiguous(), residual.contiguous(), contiguous(weight), eps, offset,
@@ -65,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cuda(const at::Tensor& grad_y, c
   const char* op = "fastgpt::rms_norm_bwd";
   check_rms_norm_inputs(op, x, weight, offset);
   check_norm_bwd_inputs(op, grad_y, x, {{"rstd", &rstd}});
-  check_cuda_inputs(op, x);
+  check_norm_cuda_inputs(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
   check_compute_capability();
   // Two blocks per SM stream through the rows; fewer when there are fewer row groups.
