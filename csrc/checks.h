@@ -15,6 +15,10 @@
 
 namespace fastgpt {
 
+// Up to this many queries the attention forwards (CPU and CUDA) take their split-KV decode
+// kernels; fastgpt.backends.DECODE_MAX_QUERIES says the same (fastgpt._C.decode_max_queries; tests check).
+inline constexpr int64_t kDecodeMaxQueries = 16;
+
 // q (B, Hq, Tq, D), k, v (B, Hkv, Tk, D) with Hq % Hkv == 0 in one dtype on one device;
 // key_padding_mask bool (B, Tk) on that device or None; dropout_p in [0, 1); window >= 0 and
 // softcap >= 0 (0: none).

@@ -30,6 +30,8 @@
 #include <torch/library.h>
 #include <Python.h>
 
+#include "checks.h"
+
 TORCH_LIBRARY(fastgpt, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool causal, "
         "float scale, float dropout_p, int seed, int window, float softcap) -> (Tensor out, Tensor lse)");
@@ -56,5 +58,6 @@ PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&fastgpt_module);
   if (m == nullptr) return nullptr;
   PyModule_AddStringConstant(m, "torch_version", FASTGPT_TORCH_VERSION);
+  PyModule_AddIntConstant(m, "decode_max_queries", static_cast<long>(fastgpt::kDecodeMaxQueries));
   return m;
 }

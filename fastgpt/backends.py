@@ -30,6 +30,11 @@ NAMES = ("naive", "sdpa", "cpu", "cuda", "triton")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "sdpa", "naive"), "cpu": ("cpu", "sdpa", "naive")}
 BACKEND_NAMES = ("auto",) + NAMES  # what every `backend=` argument accepts
 OPS = ("attention", "layer_norm", "rms_norm", "add_rms_norm")  # the public ops; a Backend field each
+# Attention calls with at most this many queries (decoding against a KV cache) take each fused
+# backend's split-KV decode kernel: the keys are split into chunks attended in parallel and merged
+# by log-sum-exp, and a GQA group's query heads share one pass over their kv head. The C++ and CUDA
+# kernels compile the same bound in (kDecodeMaxQueries; tests check that it agrees).
+DECODE_MAX_QUERIES = 16
 
 
 def check_backend_name(backend: str) -> str:

@@ -549,3 +549,113 @@ def test_cpu_window_never_visits_keys_outside_it(causal):
     assert torch.equal(dv[:, :, unseen - 200:], p_dv[:, :, unseen - 200:])
     assert not p_dk[:, :, :unseen].any() and not p_dv[:, :, :unseen].any()
     assert_close(out, *attention_oracle(q, k, v, causal, window=window))
+
+
+# ---- decoding: Tq <= DECODE_MAX_QUERIES takes each backend's split-KV forward -------------------
+
+DECODE_CASES = [  # B, Hq, Hkv, Tq, Tk, D, window, softcap
+    (1, 1, 1, 1, 1, 16, None, None),       # one cached key
+    (2, 4, 4, 1, 256, 64, None, None),     # Tq = 1, Tk a whole number of key chunks
+    (1, 8, 2, 1, 300, 32, None, None),     # GQA group 4 in one tile, Tk not a multiple of anything
+    (1, 4, 1, 2, 640, 16, None, None),     # MQA: every kv head split into several chunks
+    (2, 6, 3, 5, 257, 80, 37, None),       # window, padded head dim
+    (1, 4, 2, 16, 130, 64, None, 5.0),     # the largest decode Tq, softcap
+    (1, 2, 2, 16, 1000, 32, 100, None),    # window far inside a long cache
+    (1, 16, 2, 16, 70, 16, None, None),    # a group of 8 x 16 queries: several row tiles
+    (2, 2, 1, 7, 5, 16, None, None),       # Tq > Tk: under the causal mask the first rows see nothing
+]
+
+
+def decode_id(case):
+    return modern_id(case).replace("B", "decode-B", 1)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=decode_id)
+def test_decode_forward_matches_oracle(kernel, case, causal):
+    backend, device = kernel
+    B, Hq, Hkv, Tq, Tk, D, window, softcap = case
+    require_features(backend, q_heads=Hq, kv_heads=Hkv, window=window, softcap=softcap)
+    q, k, v = gqa_inputs(B, Hq, Hkv, Tq, Tk, D, device)
+    for mask in (None, padding_mask(B, Tk, device=device)):  # the mask's batch 0 sees no key
+        out = attention(backend, q, k, v, causal=causal, key_padding_mask=mask, window=window, softcap=softcap)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert_close(out, *attention_oracle(q, k, v, causal, mask, window=window, softcap=softcap))
+        if mask is not None:
+            assert not out[0].any()
+
+
+@pytest.mark.parametrize("case", [DECODE_CASES[2], DECODE_CASES[4]], ids=decode_id)
+def test_decode_gradients_match_oracle(kernel, case):
+    """The backward of a decode forward (it recomputes from the decode kernel's out and lse)."""
+    backend, device = kernel
+    B, Hq, Hkv, Tq, Tk, D, window, softcap = case
+    require_features(backend, q_heads=Hq, kv_heads=Hkv, window=window, softcap=softcap)
+    q, k, v = gqa_inputs(B, Hq, Hkv, Tq, Tk, D, device)
+    check_grads(backend, q, k, v, True, padding_mask(B, Tk, device=device), window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_decode_low_precision_and_noncontiguous(kernel, dtype):
+    backend, device = kernel
+    skip_unsupported_dtype(backend, device, dtype)
+    require_features(backend, q_heads=8, kv_heads=2, window=50)
+    q, k, v = gqa_inputs(2, 8, 2, 3, 333, 64, device, dtype=dtype, transposed=True)
+    out = attention(backend, q, k, v, causal=True, window=50)
+    assert_close(out, *attention_oracle(q, k, v, True, window=50))
+
+
+def test_decode_dropout_matches_the_oracle_mask(kernel):
+    """Dropout keyed by the query head and element i * Tk + j, as in the prefill forward."""
+    backend, device = kernel
+    require_features(backend, q_heads=4, kv_heads=2)
+    q, k, v = gqa_inputs(1, 4, 2, 3, 300, 16, device)
+    check_grads(backend, q, k, v, True, dropout_p=0.3, manual_seed=11)
+
+
+def test_cpu_decode_bound_is_the_declared_one():
+    assert fastgpt._extension._C.decode_max_queries == backends.DECODE_MAX_QUERIES
+
+
+@pytest.mark.parametrize("Tq", [1, 4, 16, 17], ids=lambda t: f"Tq{t}")
+def test_cpu_decode_lse_matches_reference(Tq):
+    """Both forwards (decode up to 16 queries, prefill from 17) save the same lse for the backward."""
+    B, Hq, Hkv, Tk, D = 2, 6, 2, 390, 32
+    q, k, v = gqa_inputs(B, Hq, Hkv, Tq, Tk, D, "cpu")
+    mask = padding_mask(B, Tk)
+    for causal, window, softcap in [(True, 0, 0.0), (False, 50, 7.0)]:
+        out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, causal, 0.3, 0.0, 0, window, softcap)
+        want = reference.attention_lse(q.double(), k.double(), causal, mask, 0.3, window or None, softcap or None)
+        assert_lse_matches(lse, want)
+        assert torch.isinf(lse[0]).all() and not out[0].any()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_cpu_decode_for_any_thread_count(threads):
+    """The number of key chunks follows the thread count: every split merges to the same answer."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for B, Hq, Hkv, Tq, Tk, D in [(1, 2, 1, 1, 1500, 32), (1, 4, 2, 9, 1023, 16)]:
+            q, k, v = gqa_inputs(B, Hq, Hkv, Tq, Tk, D, "cpu")
+            mask = padding_mask(B, Tk, fully_masked_row=False)
+            out = fastgpt.attention(q, k, v, causal=True, key_padding_mask=mask, backend="cpu")
+            assert_close(out, *attention_oracle(q, k, v, True, mask))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_decode_reads_no_key_past_the_last_kept_one():
+    """A static KV cache is attended with a mask hiding its unfilled tail: the cpu decode forward
+    stops at the last kept key, so whatever the tail holds (NaN here) is never read."""
+    B, Hq, Hkv, Tk, D, filled = 2, 4, 2, 1000, 32, 613
+    q, k, v = gqa_inputs(B, Hq, Hkv, 1, Tk, D, "cpu")
+    mask = torch.arange(Tk) < filled
+    mask = mask.expand(B, Tk).clone()
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[:, :, filled:] = float("nan")
+    poisoned_v[:, :, filled:] = float("nan")
+    out = fastgpt.attention(q, poisoned_k, poisoned_v, causal=False, key_padding_mask=mask, backend="cpu")
+    want = fastgpt.attention(q, k[:, :, :filled], v[:, :, :filled], causal=False, backend="cpu")
+    assert torch.equal(out, want)
+    assert_close(out, *attention_oracle(q, k, v, False, mask))
