@@ -22,9 +22,14 @@
   (only its forward keeps the book's (x, kv_cache=None), without rope; project(x, rope) and
   attend(q, k, v, window) are the two halves every forward is made of).
 - `KVCache`: the keys and values one attention module has seen (num_kv_groups heads, RoPE
-  applied); `forward(x, kv_cache)` appends the new ones and attends over all of them
-  (Tq <= Tk, causal bottom-right aligned: new query i sees keys j <= i + Tk - Tq; a
-  window keeps the last W of those). `new_kv_cache()` makes one.
+  applied), allocated once for max_len tokens; `forward(x, kv_cache)` appends the new ones and
+  attends over all of them (Tq <= Tk, causal bottom-right aligned: new query i sees keys
+  j <= i + Tk - Tq; a window keeps the last W of those). `new_kv_cache()` makes one.
+  A decode step with static shapes, `forward(x, kv_cache, input_pos=pos)` for one token at
+  position pos ((1,) int64 tensor): its keys and values are written in place at pos and it
+  attends over the whole allocation with a key mask that keeps positions <= pos (and inside the
+  window), so every step has the same shapes and torch.compile captures one graph for all of
+  them (models.generation.Generation.decode_step).
 (fastgpt.patch slots these modules into an existing model; fastgpt.models builds on them.)
 
 Fused QKV (`fused_qkv=True`): one Linear `W_qkv` (d_in -> q + 2 kv widths, rows [query; key;
@@ -94,6 +99,24 @@ class KVCache:
         self.values[:, :, self.length:end] = values
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def write_at(self, keys: torch.Tensor, values: torch.Tensor, input_pos: torch.Tensor,
+                 window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A decode step with static shapes: stores one token's keys, values (B, H, 1, D) at position
+        input_pos ((1,) int64 tensor) in place and returns the whole allocation (B, H, max_len, D)
+        with the keys that token sees, bool (B, max_len): positions <= input_pos, and > input_pos -
+        window with a window. `length` stays the caller's to advance (Generation.decode_step), so
+        that nothing here depends on a Python number that changes from step to step."""
+        if keys.shape[0] != self.batch_size or keys.shape[2] != 1:
+            raise ValueError(f"a static decode step writes one token for each of the cache's {self.batch_size} "
+                             f"sequences, got keys of shape {tuple(keys.shape)}")
+        self.keys.index_copy_(2, input_pos, keys)
+        self.values.index_copy_(2, input_pos, values)
+        positions = torch.arange(self.max_len, device=self.keys.device)  # (max_len,)
+        visible = positions <= input_pos
+        if window is not None:
+            visible = visible & (positions > input_pos - window)
+        return self.keys, self.values, visible.expand(self.batch_size, self.max_len)
 
 
 class LayerNorm(nn.Module):
@@ -265,18 +288,26 @@ class _CausalSelfAttention(nn.Module):
         weight = (self.W_qkv if self.fused_qkv else self.W_query).weight
         return KVCache(batch_size, self.num_kv_groups, max_len, self.head_dim, weight.dtype, weight.device)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, *,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, d_in) -> (B, T, d_out). With kv_cache, x holds the tokens that follow the
-        cached ones: their keys and values are appended and they attend to all cached keys."""
-        return self._forward(x, kv_cache, None)
+        cached ones: their keys and values are appended and they attend to all cached keys.
+        With input_pos too, x is one token at that position: a static decode step (KVCache.write_at)."""
+        return self._forward(x, kv_cache, None, input_pos)
 
     def _forward(self, x: torch.Tensor, kv_cache: KVCache | None,
-                 rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+                 rope: tuple[torch.Tensor, torch.Tensor] | None,
+                 input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """forward with rope = (cos, sin), each (T, head_dim): the rotary tables of x's T positions."""
         q, k, v = self.project(x, rope)
-        if kv_cache is not None:
+        if kv_cache is None:
+            return self.attend(q, k, v, self.window)
+        if input_pos is None:
             k, v = kv_cache.append(k, v)  # (B, Hkv, Tk, D), Tk = cached + T
-        return self.attend(q, k, v, self.window)
+            return self.attend(q, k, v, self.window)
+        k, v, visible = kv_cache.write_at(k, v, input_pos, self.window)  # (B, Hkv, max_len, D), (B, max_len)
+        # One query: the mask alone says which keys it sees (its causal and window bounds included).
+        return self.attend(q, k, v, None, causal=False, key_padding_mask=visible)
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         """x (B, T, d_in) -> q (B, H, T, D), k, v (B, Hkv, T, D): split heads[, QK-norm][, RoPE]."""
@@ -294,15 +325,17 @@ class _CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, *,
+               causal: bool = True, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """q (B, H, T, D) over k, v (B, Hkv, Tk, D), Tk >= T -> (B, T, d_out): fused attention
         (dropout on the weights while training), merge heads[, out_proj]."""
         B, _, T, _ = q.shape
         dropout_p = self.dropout.p if self.training else 0.0
         # Causal with Tq = T <= Tk is bottom-right aligned: query i sees keys j <= i + (Tk - T)
         # (and with a window, the last `window` of those).
-        context = ops.attention(q, k, v, causal=True, window=window, softcap=self.softcap,
-                                dropout_p=dropout_p, scale=self.scale, backend=self.backend)  # (B, H, T, D)
+        context = ops.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, window=window,
+                                softcap=self.softcap, dropout_p=dropout_p, scale=self.scale,
+                                backend=self.backend)  # (B, H, T, D)
         context = context.transpose(1, 2).reshape(B, T, self.qkv_sizes[0])  # (B, T, H * D)
         return context if self.out_proj is None else self.out_proj(context)
 
@@ -375,10 +408,12 @@ class GroupedQueryAttention(_CausalSelfAttention):
                          query_pre_attn_scalar=query_pre_attn_scalar, out_bias=qkv_bias)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, *,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, d_in) -> (B, T, d_in). rope: (cos, sin), each (T, head_dim), the rotary tables
-        of x's T positions (cos[start:start + T] with a KV cache of `start` tokens)."""
-        return self._forward(x, kv_cache, rope)
+        of x's T positions (cos[start:start + T] with a KV cache of `start` tokens). input_pos:
+        a static decode step (see MultiHeadAttention.forward)."""
+        return self._forward(x, kv_cache, rope, input_pos)
 
 
 class CausalAttention(_CausalSelfAttention):

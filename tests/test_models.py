@@ -287,6 +287,53 @@ def test_laptop_configs_generate_with_and_without_cache(name):
     assert (stopped[0, first:] == stopped[0, first]).all()
 
 
+@pytest.mark.parametrize("name", ["tiny", "llama3-tiny", "gemma3-tiny"])
+def test_static_decode_steps_are_one_compiled_graph(name):
+    """generate's decode steps write the KV cache in place and keep every shape static: under
+    torch.compile(fullgraph=True) all of them, in two generate calls, run one graph (a recompile is an
+    error here), and the tokens equal eager decoding's and the uncached loop's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = build_model(name, backend="cpu", vocab_size=VOCAB)  # gemma3-tiny: sliding layers of window 16
+    prompt = token_batch(2, 5)
+    eager = model.generate(prompt, max_new_tokens=20)
+    assert torch.equal(eager, model.generate(prompt, max_new_tokens=20, use_cache=False))
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_decode(backend="aot_eager")
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert torch.equal(model.generate(prompt, max_new_tokens=20), eager)
+            model.generate(prompt.flip(1), max_new_tokens=20)
+    finally:
+        model._compiled_decode = None
+        torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_static_decode_step_writes_the_cache_in_place():
+    model = build_model("llama3-tiny", backend="cpu", vocab_size=VOCAB).eval()
+    prompt = token_batch(2, 6)
+    cache = model.new_kv_cache(2, 10)
+    storage = [(c.keys.data_ptr(), c.values.data_ptr()) for c in cache]
+    with torch.no_grad():
+        model(prompt, cache)
+        step = model.decode_step(prompt[:, -1:], cache)
+        full = model(torch.cat([prompt, prompt[:, -1:]], dim=1))
+    assert [c.length for c in cache] == [7] * len(cache)
+    assert [(c.keys.data_ptr(), c.values.data_ptr()) for c in cache] == storage
+    assert not cache[0].keys[:, :, 7:].any()  # nothing written past the step's position
+    torch.testing.assert_close(step[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for _ in range(3):
+            model.decode_step(prompt[:, -1:], cache)
+        with pytest.raises(ValueError, match="KV cache is full"):
+            model.decode_step(prompt[:, -1:], cache)
+        with pytest.raises(ValueError, match="one token per sequence"):
+            model(prompt, cache, torch.tensor([3]))
+
+
 def test_book_names_load(tmp_path):
     """The book's state_dict names: Llama 3's are ours (torch.nn.RMSNorm says weight); Qwen 3's
     and Gemma 3's RMSNorm say `scale`, and Gemma 3's block list is `blocks`."""

@@ -106,8 +106,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = RMSNorm(cfg["emb_dim"], eps=cfg["norm_eps"], dtype=cfg["dtype"], backend=backend)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        attended = self.att(self.norm1(x), kv_cache, rope=rope)  # (B, T, emb_dim)
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        attended = self.att(self.norm1(x), kv_cache, rope=rope, input_pos=input_pos)  # (B, T, emb_dim)
         normed, x = self.norm2.forward_add(attended, x)  # norm2(x + attended), x + attended
         return x + self.ff(normed)
 
@@ -172,22 +173,19 @@ class RoPEModel(Generation, nn.Module):
     def embed(self, in_idx: torch.Tensor) -> torch.Tensor:
         return self.tok_emb(in_idx)  # (B, T, emb_dim)
 
-    def forward(self, in_idx: torch.Tensor, kv_cache: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(self, in_idx: torch.Tensor, kv_cache: list[KVCache] | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """in_idx (B, T) token ids -> logits (B, T, vocab_size).
 
         With kv_cache (one per block, from new_kv_cache), in_idx holds the tokens that follow
-        the cached ones: their positions start at the cache length."""
-        if in_idx.dim() != 2:
-            raise ValueError(f"in_idx must be (B, T) token ids, got shape {tuple(in_idx.shape)}")
-        T = in_idx.shape[1]
-        start = kv_cache[0].length if kv_cache else 0
-        if start + T > self.cfg["context_length"]:
-            raise ValueError(f"{start} cached + {T} new tokens exceed context_length {self.cfg['context_length']}")
-        ropes = {kind: (getattr(self, f"cos{kind}")[start:start + T], getattr(self, f"sin{kind}")[start:start + T])
+        the cached ones: their positions start at the cache length. With input_pos ((1,) int64)
+        too, in_idx is one token at that position: a static decode step (Generation.decode_step)."""
+        positions = self.positions(in_idx, kv_cache, input_pos)  # (T,)
+        ropes = {kind: (getattr(self, f"cos{kind}")[positions], getattr(self, f"sin{kind}")[positions])
                  for kind in self._rope_tables()}  # each (T, head_dim)
         x = self.embed(in_idx)
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, kv_cache[i] if kv_cache else None, rope=ropes[block.rope_kind])
+            x = block(x, kv_cache[i] if kv_cache else None, rope=ropes[block.rope_kind], input_pos=input_pos)
         logits = self.out_head(self.final_norm(x))  # (B, T, vocab_size)
         cap = self.cfg.get("final_softcap")
         return logits if cap is None else cap * torch.tanh(logits / cap)

@@ -43,8 +43,10 @@ class Gemma3Block(nn.Module):
                                         backend=backend))
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        attended = self.post_attention_layernorm(self.att(self.input_layernorm(x), kv_cache, rope=rope))
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        attended = self.post_attention_layernorm(self.att(self.input_layernorm(x), kv_cache, rope=rope,
+                                                          input_pos=input_pos))
         normed, x = self.pre_feedforward_layernorm.forward_add(attended, x)  # norm(x + attended), x + attended
         return x + self.post_feedforward_layernorm(self.ff(normed))
 

@@ -2,8 +2,16 @@
 
 A model mixes in `Generation` and provides: `cfg` with context_length and vocab_size,
 `trf_blocks` whose `att` is a fastgpt.nn attention module (for new_kv_cache), and
-forward(in_idx (B, T), kv_cache=None) -> logits (B, T, vocab) that starts its positions at
-the cache length.
+forward(in_idx (B, T), kv_cache=None, input_pos=None) -> logits (B, T, vocab) that takes its
+positions from `positions` (the cache length on, or input_pos).
+
+Decoding (gpt-fast's static KV cache): the prompt goes through forward once (prefill, appending
+to each block's KVCache); then every new token is a `decode_step`: one token at position
+input_pos, its keys and values written in place into the preallocated cache and attended over
+the whole allocation with a mask (fastgpt.nn.KVCache.write_at). All steps have the same shapes
+and read no Python number that changes between them, so `compile_decode()` makes the step one
+torch.compile graph for every position; the attention kernels' decode path (Tq <= 16, split over
+the keys) skips the masked tail of the cache.
 """
 from __future__ import annotations
 
@@ -25,6 +33,49 @@ class Generation:
         for module in self.modules():
             if isinstance(module, (_CausalSelfAttention, LayerNorm, RMSNorm)):
                 module.backend = backend
+        return self
+
+    def positions(self, in_idx: torch.Tensor, kv_cache: list[KVCache] | None,
+                  input_pos: torch.Tensor | None) -> torch.Tensor:
+        """The positions (T,) of in_idx's tokens: input_pos in a static decode step, else they follow
+        the cached tokens. Checks in_idx and that the context holds them."""
+        if in_idx.dim() != 2:
+            raise ValueError(f"in_idx must be (B, T) token ids, got shape {tuple(in_idx.shape)}")
+        T = in_idx.shape[1]
+        if input_pos is not None:
+            if not kv_cache or T != 1 or input_pos.shape != (1,):
+                raise ValueError("input_pos (a static decode step) takes one token per sequence, a (1,) position "
+                                 f"and the KV cache; got in_idx {tuple(in_idx.shape)}, input_pos "
+                                 f"{tuple(input_pos.shape)}, kv_cache {'given' if kv_cache else 'None'}")
+            return input_pos
+        start = kv_cache[0].length if kv_cache else 0
+        if start + T > self.cfg["context_length"]:
+            raise ValueError(f"{start} cached + {T} new tokens exceed context_length {self.cfg['context_length']}")
+        return torch.arange(start, start + T, device=in_idx.device)
+
+    def decode_step(self, next_ids: torch.Tensor, cache: list[KVCache]) -> torch.Tensor:
+        """next_ids (B, 1), the token after the cached ones -> logits (B, 1, vocab): a static decode
+        step (module docstring), through the compiled forward after compile_decode(). Advances the
+        caches by one."""
+        length = cache[0].length
+        if length >= cache[0].max_len:
+            raise ValueError(f"the KV cache is full ({length} of {cache[0].max_len} tokens)")
+        input_pos = torch.full((1,), length, dtype=torch.long, device=next_ids.device)
+        # Standard strides: a column sliced off the growing ids would give every step new strides
+        # (and the compiled step a recompile).
+        next_ids = next_ids.clone(memory_format=torch.contiguous_format)
+        logits = (self._compiled_decode or self.forward)(next_ids, cache, input_pos)
+        for block_cache in cache:
+            block_cache.length += 1
+        return logits
+
+    _compiled_decode = None
+
+    def compile_decode(self, **compile_options):
+        """From now on decode_step (and so generate) runs its forward through torch.compile
+        (fullgraph=True; compile_options are passed on, e.g. mode= or backend=): one graph serves
+        every position. Call again to recompile with other options."""
+        self._compiled_decode = torch.compile(self.forward, fullgraph=True, **compile_options)
         return self
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
@@ -79,7 +130,7 @@ class Generation:
                 elif cache[0].length == 0:
                     logits = self(idx[:, -context:], cache)  # prefill: the whole prompt at once
                 else:
-                    logits = self(idx[:, -1:], cache)  # one new token, Tq = 1 < Tk
+                    logits = self.decode_step(idx[:, -1:], cache)  # one new token, Tq = 1 < Tk
                 next_id = pick_next(logits[:, -1, :], temperature, top_k)  # (B, 1)
                 if eos is not None:
                     next_id = torch.where(finished[:, None], idx[:, -1:], next_id)  # finished rows repeat their eos

@@ -60,8 +60,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg["emb_dim"], backend=backend)
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache))  # (B, T, emb_dim)
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache, input_pos=input_pos))  # (B, T, emb_dim)
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
@@ -87,23 +88,19 @@ class GPTModel(Generation, nn.Module):
         self.final_norm = LayerNorm(cfg["emb_dim"], backend=backend)
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
 
-    def forward(self, in_idx: torch.Tensor, kv_cache: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(self, in_idx: torch.Tensor, kv_cache: list[KVCache] | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """in_idx (B, T) token ids -> logits (B, T, vocab_size).
 
         With kv_cache (one per block, from new_kv_cache), in_idx holds the tokens that follow
         the cached ones: their positions start at the cache length, and their keys and values
-        are appended.
+        are appended. With input_pos ((1,) int64) too, in_idx is one token at that position: a
+        static decode step (see Generation.decode_step).
         """
-        if in_idx.dim() != 2:
-            raise ValueError(f"in_idx must be (B, T) token ids, got shape {tuple(in_idx.shape)}")
-        T = in_idx.shape[1]
-        start = kv_cache[0].length if kv_cache else 0
-        if start + T > self.cfg["context_length"]:
-            raise ValueError(f"{start} cached + {T} new tokens exceed context_length {self.cfg['context_length']}")
-        positions = torch.arange(start, start + T, device=in_idx.device)  # (T,)
+        positions = self.positions(in_idx, kv_cache, input_pos)  # (T,)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))  # (B, T, emb_dim)
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, kv_cache[i] if kv_cache else None)
+            x = block(x, kv_cache[i] if kv_cache else None, input_pos)
         return self.out_head(self.final_norm(x))  # (B, T, vocab_size)
 
 
