@@ -44,7 +44,7 @@ bench: build
 	$(PY) -m fastgpt bench attention
 
 bench-results: build
-	for b in attention "attention --scenario gqa" "attention --scenario window" layernorm rmsnorm "model --arch gpt2" "model --arch llama3" "model --arch qwen3" "model --arch gemma3"; do \
+	for b in attention "attention --scenario gqa" "attention --scenario window" layernorm rmsnorm "model --arch gpt2" "model --arch llama3" "model --arch qwen3" "model --arch gemma3" decode; do \
 	  $(PY) -m fastgpt bench $$b --out-dir benchmarks/results || exit 1; done
 
 # Reuses the objects `make build` compiled (setup.cfg: build_ext build_temp), so run it after build.

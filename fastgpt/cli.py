@@ -1,4 +1,4 @@
-"""The `fastgpt` command: info | generate | bench attention|layernorm|rmsnorm|model | train.
+"""The `fastgpt` command: info | generate | bench attention|layernorm|rmsnorm|model|decode | train.
 
 `bench` and `train` hand the rest of the command line, untouched, to the main(argv)
 of the module that implements them, imported only when asked for.
@@ -14,7 +14,7 @@ import platform
 import sys
 
 BENCHMARKS = {"attention": "fastgpt.bench.attention", "layernorm": "fastgpt.bench.layer_norm",
-              "rmsnorm": "fastgpt.bench.rms_norm", "model": "fastgpt.bench.model"}
+              "rmsnorm": "fastgpt.bench.rms_norm", "model": "fastgpt.bench.model", "decode": "fastgpt.bench.decode"}
 # Older names: `fastgpt bench context` is the attention benchmark; `fastgpt bench gpt` the model benchmark
 # (whose --arch defaults to gpt2: the GPT-2 end-to-end benchmark it was).
 BENCH_ALIASES = {"context": "attention", "gpt": "model"}

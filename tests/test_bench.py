@@ -13,7 +13,7 @@ import torch
 
 import fastgpt
 from fastgpt import cli, reference
-from fastgpt.bench import attention, common, layer_norm, model, rms_norm
+from fastgpt.bench import attention, common, decode, layer_norm, model, rms_norm
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -73,7 +73,7 @@ def test_peak_memory_counts_what_a_call_allocates():
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module", [attention, layer_norm, rms_norm, model])
+@pytest.mark.parametrize("module", [attention, layer_norm, rms_norm, model, decode])
 def test_results_go_to_an_untracked_folder_by_default(module):
     """A plain run must never overwrite the committed results of a checkout."""
     default = module.parse_args([]).out_dir
@@ -424,3 +424,28 @@ def test_model_bench_defaults_follow_the_arch():
     with pytest.raises(SystemExit):
         model.parse_args(["--arch", "llama3", "--config", "qwen3-tiny"])
     assert cli.BENCHMARKS["model"] == "fastgpt.bench.model" and cli.BENCH_ALIASES["gpt"] == "model"
+
+
+def test_decode_bench_end_to_end(tmp_path):
+    data = decode.run(["--device", "cpu", "--kv-lengths", "64,200", "--batches", "1,2", "--backends", "cpu",
+                       "--repeats", "1", "--prompts", "9", "--new-tokens", "3", "--out-dir", str(tmp_path)],
+                      show_progress=False)
+    assert data["settings"]["implementations"] == ["sdpa", "cpu"]
+    # scenarios x dtypes x batches x lengths, an sdpa and a cpu row each
+    assert len(data["copy"]) == 2 * 2 * 2 * 2 and len(data["results"]) == 2 * len(data["copy"])
+    for row in data["results"]:
+        assert row["status"] == "ok", row
+        s = decode.SCENARIOS[row["scenario"]]
+        element = torch.finfo(common.DTYPES[row["dtype"]]).bits // 8
+        assert row["bytes"] == 2 * row["B"] * s.kv_heads * row["Tk"] * s.head_dim * element
+        assert row["speedup_vs_sdpa"] > 0 and (row["impl"] != "sdpa" or row["speedup_vs_sdpa"] == 1.0)
+    generation = {r["backend"]: r for r in data["generation"]}
+    assert set(generation) == {"sdpa", "cpu"}
+    for row in generation.values():
+        assert row["status"] == "ok" and row["prompt"] == 9 and row["same_tokens_as_sdpa"], row
+        assert 0 < row["prefill_s"] < row["generate_s"] and row["tokens_per_s"] == pytest.approx(3 / row["generate_s"])
+    markdown = (tmp_path / "cpu_decode.md").read_text()
+    assert "### Hq = 32, Hkv = 8, D = 128 (Llama 3 8B), bfloat16, Tq = 1" in markdown
+    assert "### model.generate end to end" in markdown
+    assert json.loads((tmp_path / "cpu_decode.json").read_text())["results"] == data["results"]
+
