@@ -493,3 +493,302 @@ def test_head_dims_compile_for_hopper(D):
     # 80 and 96: the masked 128-wide tiles, in bfloat16 and float16 (with every feature); 256: every
     # candidate config, whose shared memory must fit sm_90.
     compile_for_hopper(str(D))
+
+
+# ----------------------------------------------------------------------------- split-KV decoding
+
+# Calls with Tq <= DECODE_MAX_QUERIES take fastgpt/triton/attention_decode.py: a GQA group's query
+# heads packed into the rows of one tile, the keys split into chunks (MIN_CHUNK = 32 keys under the
+# interpreter, BLOCK_N 16) merged by log-sum-exp. With a few kv heads every cache below longer than a
+# chunk takes cdiv(Tk, 32) splits (the plan fills 2 * 132 programs first), so Tk = 20 has one split,
+# 64 and 96 divide the chunk, 77, 130 and 300 do not.
+
+@pytest.fixture
+def decode_calls(kernels, monkeypatch):
+    """Records every launch of the two forwards through fastgpt::triton_attention_fwd: the number of
+    splits of each decode launch (attention_decode_fwd's return) and the prefill kernel launches."""
+    from fastgpt.triton import attention_decode
+    triton_attention = kernels[0]
+    calls = {"decode": [], "prefill": 0}
+    decode_fwd = attention_decode.attention_decode_fwd
+
+    def counting_decode(*args, **kwargs):
+        calls["decode"].append(decode_fwd(*args, **kwargs))
+        return calls["decode"][-1]
+
+    class CountingPrefill:
+        def __getitem__(self, grid):
+            calls["prefill"] += 1
+            return kernel[grid]
+
+    kernel = triton_attention._attention_fwd_kernel
+    monkeypatch.setattr(attention_decode, "attention_decode_fwd", counting_decode)
+    monkeypatch.setattr(triton_attention, "_attention_fwd_kernel", CountingPrefill())
+    return calls
+
+
+# (B, Hq, Hkv, Tq, Tk, D, causal, key padding, dropout_p, window, softcap, splits expected)
+DECODE_CASES = {
+    "mha-tq1-padded": (2, 3, 3, 1, 77, 32, True, True, 0.0, 0, 0.0, 3),
+    "gqa2-tq2": (2, 4, 2, 2, 64, 16, True, False, 0.0, 0, 0.0, 2),
+    "gqa4-tq5-full-padded": (2, 8, 2, 5, 130, 64, False, True, 0.0, 0, 0.0, 5),
+    "mqa-tq16": (1, 4, 1, 16, 300, 16, True, False, 0.0, 0, 0.0, 10),
+    "gqa8-tq16-two-row-tiles": (1, 16, 2, 16, 96, 16, True, True, 0.0, 0, 0.0, 3),
+    "gqa5-tq15-short-last-row-tile": (1, 10, 2, 15, 70, 16, True, True, 0.0, 0, 0.0, 3),
+    # 150 rows: the second and third row tiles start mid-head (query 4, 8) and wrap into the next head.
+    "gqa10-tq15-wrapping-row-tiles": (1, 20, 2, 15, 70, 16, True, True, 0.0, 0, 0.0, 3),
+    "gqa10-tq15-wrapping-window": (1, 20, 2, 15, 90, 16, False, False, 0.0, 20, 0.0, 3),
+    "short-cache-one-split": (2, 4, 2, 5, 20, 32, True, True, 0.0, 0, 0.0, 1),
+    "more-queries-than-keys": (2, 4, 2, 16, 9, 16, True, False, 0.0, 0, 0.0, 1),
+    "gqa2-causal-window": (2, 4, 2, 3, 200, 16, True, False, 0.0, 40, 0.0, 3),
+    "mqa-full-window-padded": (2, 2, 1, 5, 150, 32, False, True, 0.0, 45, 0.0, 3),
+    "gqa4-softcap": (1, 8, 2, 4, 100, 16, True, False, 0.0, 0, 3.0, 4),
+    "gqa2-dropout-padded": (2, 4, 2, 2, 90, 16, True, True, 0.3, 0, 0.0, 3),
+    "everything": (2, 4, 2, 7, 123, 16, False, True, 0.2, 30, 5.0, 3),
+}
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def expected_splits(interpreter_splits, B, Hq, Hkv, Tq, Tk, D, window):
+    """The splits of a decode call: the tabled count under the interpreter (chunks of 32 keys), the
+    plan's own on a GPU (whose chunks of >= 256 keys leave these short caches one split)."""
+    from fastgpt.triton import attention_decode as ad
+    if ad._launch.INTERPRET:
+        return interpreter_splits
+    return ad.decode_plan(B, Hkv, Hq // Hkv, Tq, Tk, D, window, torch.device("cuda"))[2]
+
+
+def decode_inputs(case, dtype, device):
+    B, Hq, Hkv, Tq, Tk, D, causal, masked, dropout_p, window, softcap, _ = DECODE_CASES[case]
+    q, k, v = make_qkv(B, Hq, Tq, Tk, D, dtype=dtype, device=device, generator_seed=Tk)
+    k, v = k[:, :Hkv], v[:, :Hkv]  # views into the wider head stacks: strided kv heads
+    mask = padding_mask(B, Tk, device=device, fully_masked_row=B > 1) if masked else None
+    return q, k, v, mask
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the interpreter warns on any 1/0, log(0), inf - inf
+@pytest.mark.parametrize("case,dtype", [(case, torch.float32) for case in DECODE_CASES]
+                         + [(case, torch.float16) for case in ("gqa4-tq5-full-padded", "mqa-tq16",
+                                                               "gqa2-causal-window", "everything")])
+def test_decode_forward_and_lse_match_the_oracle(device, decode_calls, case, dtype):
+    B, Hq, Hkv, Tq, Tk, D, causal, masked, dropout_p, window, softcap, splits = DECODE_CASES[case]
+    q, k, v, mask = decode_inputs(case, dtype, device)
+    scale, seed = 0.3, 4321
+    out, lse = fastgpt_triton_attention_fwd(q, k, v, mask, causal, scale, dropout_p, seed, window, softcap)
+    assert decode_calls == {"decode": [expected_splits(splits, B, Hq, Hkv, Tq, Tk, D, window)], "prefill": 0}
+    options = dict(window=window or None, softcap=softcap or None)
+    oracle, naive = attention_oracle(q, k, v, causal, mask, dropout_p, scale, seed, **options)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert_close(out, oracle, naive)
+    want = reference.attention_lse(q.double(), k.double(), causal, mask, scale, **options)
+    assert lse.shape == (B, Hq, Tq) and lse.dtype == torch.float32 and lse.is_contiguous()
+    no_key = torch.isneginf(want)
+    assert torch.equal(torch.isneginf(lse), no_key) and not torch.isnan(lse).any()
+    assert (out[no_key] == 0).all()
+    if masked and B > 1:
+        assert no_key[0].all()  # batch 0 sees no key at all: zeros, lse -inf, through the merge
+    # lse is float32 arithmetic on exactly representable inputs: the float32 rule holds for float16 too.
+    err, tol = (lse[~no_key].double() - want[~no_key]).abs().max().item(), tolerance(torch.float32, want[~no_key], None)
+    assert err <= tol, f"lse: max abs err {err:.3e} > tol {tol:.3e}"
+
+
+def fastgpt_triton_attention_fwd(*args):
+    import fastgpt.triton
+    return fastgpt.triton.attention.attention_fwd(*args)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("case,tiles", [("gqa2-causal-window", 1), ("mqa-full-window-padded", 1),
+                                        ("everything", 1), ("gqa8-tq16-two-row-tiles", 4)])
+def test_decode_with_a_forced_chunk_matches_the_prefill_kernel_and_the_oracle(device, kernels, case, tiles):
+    # Chunks of one key tile (the largest BLOCK_N; 16 under the interpreter) make windows straddle
+    # chunks and give splits that see nothing of a window (weight 0 in the merge); 4 tiles per chunk
+    # the plain case. The result must be the prefill kernel's (same lse: the backward is shared) and
+    # the oracle's.
+    from fastgpt.triton import attention_decode
+    chunk = tiles * attention_decode.MAX_BLOCK_N
+    triton_attention = kernels[0]
+    B, Hq, Hkv, Tq, Tk, D, causal, masked, dropout_p, window, softcap, _ = DECODE_CASES[case]
+    q, k, v, mask = decode_inputs(case, torch.float32, device)
+    scale, seed = 0.25, 99
+    pointers, strides, scalars = triton_attention._launch_args("test", q, k, v, mask, causal, scale, dropout_p,
+                                                               seed, window, softcap)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=device)
+    splits = attention_decode.attention_decode_fwd(pointers, strides, scalars, out, lse, chunk=chunk)
+    span = min(Tk, Tq + window - 1) if window else Tk
+    assert splits == min(cdiv(span, chunk) + (span < Tk), cdiv(Tk, chunk))
+    assert splits > 1 or not attention_decode._launch.INTERPRET
+    prefill_out = torch.empty_like(out)
+    prefill_lse = torch.empty_like(lse)
+    triton_attention._attention_fwd_kernel[lambda meta: (cdiv(Tq, meta["BLOCK_M"]), B * Hq)](
+        *pointers, prefill_out, prefill_lse, *strides, **scalars)
+    options = dict(window=window or None, softcap=softcap or None)
+    assert_close(out, attention_oracle(q, k, v, causal, mask, dropout_p, scale, seed, **options)[0])
+    assert_close(out, prefill_out)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(prefill_lse))
+    finite = ~torch.isneginf(lse)
+    torch.testing.assert_close(lse[finite], prefill_lse[finite], rtol=0, atol=1e-5)
+
+
+def test_decode_path_is_taken_up_to_the_bound_only(device, decode_calls):
+    from fastgpt import backends
+    for Tq, decode, prefill in ((backends.DECODE_MAX_QUERIES, 1, 0), (backends.DECODE_MAX_QUERIES + 1, 1, 1)):
+        q, k, v = make_qkv(1, 4, Tq, 50, 16, device=device)
+        out, _ = fastgpt_triton_attention_fwd(q, k[:, :2], v[:, :2], None, True, 0.25, 0.0, 0, 0, 0.0)
+        assert len(decode_calls["decode"]) == decode and decode_calls["prefill"] == prefill, Tq
+        assert_close(out, attention_oracle(q, k[:, :2], v[:, :2], True, None, 0.0, 0.25)[0])
+
+
+def test_decode_dropout_through_the_public_api_is_the_reference_mask(device, decode_calls):
+    import fastgpt
+    from fastgpt.ops import _draw_seed
+    q, k, v = make_qkv(2, 4, 3, 70, 32, device=device)
+    k, v = k[:, :2], v[:, :2]
+    mask = padding_mask(2, 70, device=device)
+    torch.manual_seed(5)
+    seed = _draw_seed()  # what fastgpt.attention draws after torch.manual_seed(5)
+    torch.manual_seed(5)
+    out = fastgpt.attention(q, k, v, causal=True, key_padding_mask=mask, dropout_p=0.4, window=50, softcap=4.0,
+                            backend="triton")
+    assert decode_calls["decode"] == [expected_splits(3, 2, 4, 2, 3, 70, 32, 50)]
+    assert_close(out, attention_oracle(q, k, v, True, mask, 0.4, None, seed, window=50, softcap=4.0)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_backward_matches_the_oracle(device, decode_calls, dtype):
+    # The backward recomputes from the decode forward's out and lse: both must be the prefill's.
+    q, k, v = make_qkv(2, 4, 5, 90, 32, dtype=dtype, device=device, generator_seed=2)
+    k, v = k[:, :2], v[:, :2]
+    mask = padding_mask(2, 90, device=device)  # batch 0 sees no key: zero gradients there
+    got, oracle, naive = attention_and_grads(q, k, v, True, mask, dropout_p=0.2, seed=77, naive_baseline=True,
+                                             window=40, softcap=3.0)
+    assert decode_calls["decode"] == [expected_splits(3, 2, 4, 2, 5, 90, 32, 40)] and decode_calls["prefill"] == 0
+    assert_all_close(got, oracle, naive)
+    assert (got[1][0] == 0).all() and (got[2][0] == 0).all() and (got[3][0] == 0).all()
+
+
+def test_decode_plan(kernels):
+    from fastgpt.triton import attention_decode as ad
+    cpu = torch.device("cpu")
+    chunk = ad.MIN_CHUNK
+    # (B, Hkv, KV_GROUP, Tq, Tk, D, window) -> (BLOCK_M, row tiles, splits, CHUNK)
+    assert ad.decode_plan(1, 2, 4, 1, chunk - 1, 64, 0, cpu) == (16, 1, 1, ad._launch.length_bucket(chunk - 1))
+    assert ad.decode_plan(1, 2, 4, 1, 10 * chunk + 1, 64, 0, cpu) == (16, 1, 11, chunk)
+    assert ad.decode_plan(1, 2, 8, 16, 10 * chunk, 64, 0, cpu) == (64, 2, 10, chunk)  # 128 rows: 2 tiles
+    assert ad.decode_plan(1, 2, 2, 16, 10 * chunk, 256, 0, cpu)[:2] == (16, 2)  # head dim 256: 16 rows a tile
+    # Enough kv heads to fill the GPU on their own: one split, no merge.
+    assert ad.decode_plan(ad.PROGRAMS_PER_SM * ad.ASSUMED_SMS, 1, 1, 1, 100 * chunk, 64, 0, cpu)[2] == 1
+    # Long caches: splits to fill PROGRAMS_PER_SM * SMs programs, a power-of-two chunk, every key covered.
+    block_m, tiles, splits, size = ad.decode_plan(2, 4, 4, 1, 1000 * chunk + 3, 64, 0, cpu)
+    assert size & (size - 1) == 0 and size >= chunk and splits * size >= 1000 * chunk + 3
+    assert (splits - 1) * size < 1000 * chunk + 3 and 2 * 4 * splits <= 2 * ad.PROGRAMS_PER_SM * ad.ASSUMED_SMS
+    # A window: only its span counts, plus a chunk for straddling the grid.
+    assert ad.decode_plan(1, 2, 4, 1, 100 * chunk, 64, 3 * chunk, cpu)[2] == 4
+    with pytest.raises(ValueError, match="power of two"):
+        ad.decode_plan(1, 2, 4, 1, 100, 64, 0, cpu, chunk=3 * ad.MAX_BLOCK_N)
+
+
+def test_decode_autotune_key_and_pruning(kernels):
+    from fastgpt.triton import attention_decode as ad
+    kernel = ad._attention_decode_kernel
+    assert kernel.keys == ["BLOCK_M", "CHUNK", "HEAD_DIM", "SPLIT"]
+    if ad._launch.INTERPRET:
+        assert kernel.configs == [ad.INTERPRETER_CONFIG]
+    every = [*ad.DECODE_CONFIGS[128], *ad.DECODE_CONFIGS[256]]
+
+    def pruned(**args):
+        return [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in ad._prune(every, {}, **args)]
+
+    assert pruned(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=16, CHUNK=256) == [(64, 4, 2), (64, 4, 3), (128, 4, 2)]
+    assert pruned(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=64, CHUNK=256) == [(64, 4, 2), (64, 4, 3)]
+    assert pruned(HEAD_DIM=64, BLOCK_D=64, BLOCK_M=32, CHUNK=256) == [(64, 4, 2), (64, 4, 3), (128, 4, 2)]
+    assert pruned(HEAD_DIM=80, BLOCK_D=128, BLOCK_M=16, CHUNK=64) == [(64, 4, 2), (64, 4, 3)]
+    assert pruned(HEAD_DIM=96, BLOCK_D=128, BLOCK_M=16, CHUNK=16) == [(64, 4, 2)]  # nothing fits: the smallest
+    got = ad._prune(every, {}, HEAD_DIM=256, BLOCK_D=256, BLOCK_M=16, CHUNK=512)
+    assert [id(c) for c in got] == [id(c) for c in ad.DECODE_CONFIGS[256]]
+
+
+DECODE_HOPPER_SCRIPT = textwrap.dedent("""
+    # Compiles the decode kernels' GPU configs for sm_90 (no GPU needed), specialised as a real launch
+    # is: pointers and the non-unit strides divisible by 16 (Triton's launch-time specialisation, which
+    # enables vectorised, pipelined loads). Prints registers, stack (spills) and shared memory per build.
+    import os, shutil, subprocess, sys, tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+    from fastgpt.triton import attention_decode as ad
+
+    UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_kpmn")
+    FLOATS = ("qk_scale", "dropout_p", "keep_scale", "softcap")
+    FLOAT32_POINTERS = ("lse_ptr", "part_out_ptr", "part_lse_ptr")
+    SM90_SHARED_MEMORY = 227 * 1024
+    CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    CUOBJDUMP = CUOBJDUMP if os.path.exists(CUOBJDUMP) else shutil.which("cuobjdump")
+
+    def build(fn, dtype, constexprs, num_warps, num_stages, spill_free):
+        constexprs = {**constexprs, **{name: 1 for name in UNIT_STRIDES if name in fn.arg_names}}
+        signature = {name: "constexpr" if name in constexprs else
+                     ("*fp32" if name in FLOAT32_POINTERS else "*u8" if name == "kpm_ptr" else "*" + dtype)
+                     if name.endswith("_ptr") else "fp32" if name in FLOATS else "i32" for name in fn.arg_names}
+        aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
+                   if kind != "constexpr" and (name.endswith("_ptr") or name.startswith("stride_"))}
+        compiled = compile(ASTSource(fn, signature, constexprs, aligned), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": num_warps, "num_stages": num_stages})
+        shared = compiled.metadata.shared
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "kernel.cubin")
+            with open(path, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            usage = subprocess.run([CUOBJDUMP, "-res-usage", path], capture_output=True, text=True,
+                                   check=True).stdout
+        fields = dict(item.split(":", 1) for item in usage.split("Function", 1)[1].split() if ":" in item)
+        regs, stack = int(fields["REG"]), int(fields["STACK"])
+        what = {k: constexprs[k] for k in ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "SPLIT", "HAS_DROPOUT") if k in constexprs}
+        print(f"{fn.__name__} {dtype} {what} warps={num_warps} stages={num_stages}: "
+              f"regs={regs} stack={stack} shared={shared}")
+        assert shared <= SM90_SHARED_MEMORY, (fn.__name__, what, shared)
+        assert not spill_free or stack == 0, (fn.__name__, what, "spills", stack)
+
+    kernel = ad._attention_decode_kernel.fn
+    plain = dict(CAUSAL=True, HAS_KPM=False, kpm_ptr=None, HAS_DROPOUT=False, SOFTCAP=False, WINDOW=False,
+                 DOT_PRECISION="tf32", SPLIT=True)
+    every_feature = dict(CAUSAL=False, HAS_KPM=True, HAS_DROPOUT=True, SOFTCAP=True, WINDOW=True,
+                         DOT_PRECISION="tf32", SPLIT=False)
+
+    def tile(D, BLOCK_M):
+        return dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=BLOCK_M)
+
+    # Every candidate next to the largest q tile that the host and the pruner give it.
+    for padded, configs in ad.DECODE_CONFIGS.items():
+        for config in configs:
+            largest_m = min(ad.MAX_ROWS_PER_TILE[padded], ad.WIDE_KEY_TILE_MAX_ELEMENTS // padded) \\
+                if config.kwargs["BLOCK_N"] > 64 else ad.MAX_ROWS_PER_TILE[padded]
+            shapes = [(padded, largest_m)]
+            if config.kwargs["BLOCK_N"] > 64 and padded == 128:
+                shapes.append((64, ad.WIDE_KEY_TILE_MAX_ELEMENTS // 64))  # the same elements, half as wide
+            for D, BLOCK_M in shapes:
+                build(kernel, "bf16", {**plain, **tile(D, BLOCK_M), **config.kwargs}, config.num_warps,
+                      config.num_stages, spill_free=True)
+    first = ad.DECODE_CONFIGS[128][0]
+    build(kernel, "fp16", {**every_feature, **tile(128, 64), **first.kwargs}, first.num_warps, first.num_stages,
+          spill_free=False)
+    for D in (128, 256):
+        build(ad._attention_decode_merge_kernel, "bf16", dict(HEAD_DIM=D, BLOCK_D=D, BLOCK_M=ad.MERGE_BLOCK_M),
+              4, 1, spill_free=True)
+    print("compiled")
+""")
+
+
+def test_decode_kernels_compile_for_hopper():
+    # Registers, spills and shared memory of every decode config for sm_90 (printed; see -s): the
+    # header's claim that the kept configs do not spill and fit sm_90's shared memory.
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", DECODE_HOPPER_SCRIPT], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=600)
+    print(result.stdout)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]

@@ -646,8 +646,12 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)  # (B, H, Tq, D)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)  # (B, H, Tq)
     with _launch.device_guard(q):
-        _attention_fwd_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
-            *pointers, out, lse, *strides, **scalars)
+        if Tq <= backends.DECODE_MAX_QUERIES:  # decoding: the split-KV kernels of attention_decode.py
+            from .attention_decode import attention_decode_fwd
+            attention_decode_fwd(pointers, strides, scalars, out, lse)
+        else:
+            _attention_fwd_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
+                *pointers, out, lse, *strides, **scalars)
     return out, lse
 
 
