@@ -73,7 +73,10 @@ def emulator():
     os.makedirs(build_dir, exist_ok=True)
     return load(name="fastgpt_cuda_emulator", sources=[os.path.join(ROOT, "csrc", "cuda", "emulator", "emulator.cpp")],
                 extra_include_paths=[os.path.join(ROOT, "csrc"), include], build_directory=build_dir,
-                extra_cflags=["-O2", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__"])
+                # -fno-strict-aliasing: kernels reinterpret 16-byte vectors as their elements, which nvcc
+                # allows and an optimising host compiler may otherwise drop (reading stale values).
+                extra_cflags=["-O2", "-fno-strict-aliasing", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__"])
 
 
 # (B, H, Tq, Tk, D, causal, masked, dropout_p): every head dim, partial tiles, Tq < Tk and
@@ -179,6 +182,144 @@ def test_emulated_dropout_mask_is_bit_identical_to_reference(emulator):
 def test_compiled_head_dims_are_the_declared_ones(emulator):
     """csrc/cuda/attention.h compiles the head dims that fastgpt/backends.py declares for `cuda`."""
     assert tuple(emulator.attention_head_dims()) == backends.REGISTRY["cuda"].head_dims
+
+
+# ---- split-KV decode (csrc/cuda/attention_decode.cuh), emulated ---------------------------------
+
+def test_decode_bound_is_the_declared_one(emulator):
+    """attention.h's kDecodeMaxQueries is fastgpt.backends.DECODE_MAX_QUERIES."""
+    assert emulator.decode_max_queries() == backends.DECODE_MAX_QUERIES
+
+
+def visible_key_span(Tq, Tk, causal, window):
+    """[first, end) of the keys some query sees (no padding mask): what the decode chunks cover."""
+    seen = reference.visible_keys(Tq, Tk, causal, None, "cpu", window)[0, 0].any(dim=0).nonzero()
+    return (0, 0) if seen.numel() == 0 else (seen.min().item(), seen.max().item() + 1)
+
+
+# (B, Hq, Hkv, Tq, Tk, D, causal, masked, dropout_p, window, softcap, chunk); chunk 0 = the planned split.
+EMULATED_DECODE = [
+    (2, 2, 2, 1, 77, 16, True, True, 0.0, None, None, 32),     # Tq 1, padding (batch 0 sees nothing), ragged chunks
+    (1, 4, 2, 3, 200, 64, True, False, 0.0, None, None, 64),   # GQA 2, Tq 3, Tk not a multiple of the chunk
+    (2, 4, 1, 16, 256, 64, True, True, 0.0, None, None, 64),   # MQA: 64 rows = 8 row blocks, chunks divide Tk
+    (1, 8, 2, 16, 100, 16, False, False, 0.2, None, None, 0),  # GQA 4, dropout, Tk below one planned chunk
+    (2, 4, 4, 5, 300, 32, True, False, 0.1, 50, None, 40),     # causal window (chunks cover it only), dropout
+    (2, 4, 2, 7, 150, 64, False, True, 0.0, 30, 5.0, 32),      # non-causal window, softcap, padding
+    (1, 2, 1, 16, 10, 16, True, False, 0.0, None, 3.0, 4),     # Tq > Tk: rows without keys, softcap
+    (2, 6, 3, 2, 520, 16, True, True, 0.0, None, None, 0),     # the planned split of 520 keys: 2 chunks
+    (1, 4, 2, 1, 130, 80, True, False, 0.0, None, None, 48),   # D 80 on the 128-wide kernel
+    (1, 2, 1, 4, 90, 256, False, False, 0.1, None, None, 32),  # D 256 (2 vectors a lane in float32), dropout
+]
+DECODE_BOTH_SCHEDULES = {0, 2, 4, 7}  # cases also run in reverse fiber order with late copies
+
+
+def decode_params():
+    for index, case in enumerate(EMULATED_DECODE):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for schedule in SCHEDULES[:2 if index in DECODE_BOTH_SCHEDULES else 1]:
+                yield pytest.param(case, dtype, *schedule, id="B{}Hq{}Hkv{}Tq{}Tk{}D{}-causal{}-mask{}-p{}-w{}-cap{}"
+                                   "-chunk{}".format(*case) + f"-{dtype}-{'reverse' if schedule[0] else 'forward'}")
+
+
+def decode_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, softcap, masked):
+    q, _, _ = make_qkv(B, Hq, Tq, Tk, D, dtype, transposed=True)
+    _, k, v = make_qkv(B, Hkv, Tq, Tk, D, dtype, transposed=True, generator_seed=5)
+    if softcap is not None:
+        q = (q.float() * 3).to(dtype)  # scores large enough for the cap to bite
+    return q, k, v, (padding_mask(B, Tk) if masked else None)
+
+
+def check_forward(out, lse, q, k, v, mask, causal, dropout_p, scale, seed, window, softcap):
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    assert_close(out, *attention_oracle(q, k, v, causal, mask, dropout_p, scale, seed, window, softcap), what="out")
+    want_lse = reference.attention_lse(q.double(), k.double(), causal, mask, scale, window, softcap)
+    no_key = want_lse == float("-inf")
+    assert torch.equal(lse == float("-inf"), no_key), "lse: -inf exactly for the rows without a visible key"
+    assert (out[no_key.unsqueeze(-1).expand_as(out)] == 0).all(), "rows without a visible key are zeros"
+    assert not no_key.all(), "the case must have visible keys"
+    assert_close(lse[~no_key], want_lse[~no_key], what="lse")
+
+
+@pytest.mark.parametrize("case,dtype,reverse_order,copy_at_wait", list(decode_params()))
+def test_emulated_decode_matches_oracle(emulator, case, dtype, reverse_order, copy_at_wait):
+    B, Hq, Hkv, Tq, Tk, D, causal, masked, dropout_p, window, softcap, chunk = case
+    q, k, v, mask = decode_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, softcap, masked)
+    scale, seed = D ** -0.5, 77
+    out, lse, splits = emulator.attention_decode_fwd(q, k, v, mask, causal, scale, dropout_p, seed, window or 0,
+                                                     softcap or 0.0, chunk, reverse_order, copy_at_wait)
+    first, end = visible_key_span(Tq, Tk, causal, window)
+    planned = emulator.attention_decode_plan(B, Hq, Hkv, Tq, Tk, causal, window or 0, 132)
+    assert splits == max(1, -(-(end - first) // (chunk or planned[1]))), "chunks cover exactly the visible span"
+    if chunk:
+        assert splits > 1, "the case must span several chunks"
+    check_forward(out, lse, q, k, v, mask, causal, dropout_p, scale, seed, window, softcap)
+
+
+def test_emulated_forward_takes_the_decode_kernels_up_to_the_bound(emulator):
+    """attention_fwd (attention.cu's dispatch) runs the decode kernels, with the planned split, for
+    Tq <= DECODE_MAX_QUERIES, and the prefill kernel above."""
+    B, Hq, Hkv, Tk, D, dtype = 2, 4, 2, 520, 32, torch.float16
+    for Tq in (1, backends.DECODE_MAX_QUERIES, backends.DECODE_MAX_QUERIES + 1):
+        q, k, v, mask = decode_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, None, True)
+        args = (q, k, v, mask, True, D ** -0.5, 0.0, 0, 0, 0.0)
+        out, lse = emulator.attention_fwd(*args, False, False)
+        decode_out, decode_lse, splits = emulator.attention_decode_fwd(*args, 0, False, False)
+        assert splits == 2, "520 keys: two planned chunks"
+        if Tq <= backends.DECODE_MAX_QUERIES:
+            assert torch.equal(out, decode_out) and torch.equal(lse, decode_lse)
+        check_forward(out, lse, q, k, v, mask, True, 0.0, D ** -0.5, 0, None, None)
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 8, 1, 32768), (8, 32, 8, 1, 4096), (1, 8, 1, 16, 1000), (64, 32, 8, 4, 300),
+                                   (1, 4, 4, 1, 100), (2, 64, 1, 16, 100000), (1, 1, 1, 1, 10**7)],
+                         ids=lambda s: "B{}Hq{}Hkv{}Tq{}Tk{}".format(*s))
+def test_decode_split_fills_the_gpu_with_chunks_of_a_few_hundred_keys(emulator, shape):
+    B, Hq, Hkv, Tq, Tk = shape
+    sms = 132
+    splits, chunk, row_blocks = emulator.attention_decode_plan(B, Hq, Hkv, Tq, Tk, True, 0, sms)
+    assert row_blocks == -(-(Hq // Hkv) * Tq // 8)
+    assert 1 <= splits <= 128 and (splits - 1) * chunk < Tk <= splits * chunk, "the chunks cover the keys"
+    if splits > 1:
+        assert chunk >= 256, "no chunk shorter than a few hundred keys"
+    blocks = B * Hkv * row_blocks * splits
+    assert blocks >= 4 * sms or splits == 128 or chunk < 2 * 256, "enough blocks to fill the GPU when Tk allows"
+    assert B * Hkv * row_blocks * max(splits // 2, 1) < 4 * sms or splits == 1, "no more chunks than needed"
+
+
+def test_emulated_decode_dropout_mask_is_bit_identical_to_reference(emulator):
+    """v = identity (Tk = D): output row i is P̃[i, :], its zeros are the dropped weights."""
+    B, H, Tq, Tk, p, seed = 2, 2, 16, 64, 0.3, 2**31 - 1
+    q, k, _ = make_qkv(B, H, Tq, Tk, Tk, torch.float32)
+    v = torch.eye(Tk).expand(B, H, Tk, Tk).contiguous()
+    out, _, splits = emulator.attention_decode_fwd(q, k, v, None, False, Tk ** -0.5, p, seed, 0, 0.0, 16, False, False)
+    assert splits == 4
+    assert torch.equal(out != 0, reference.dropout_keep_mask(seed, B, H, Tq, Tk, p))
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+def test_emulated_backward_through_the_decode_forward(emulator, dtype):
+    """The backward kernel runs on the decode forward's out and lse (two planned chunks, GQA, dropout)."""
+    B, Hq, Hkv, Tq, Tk, D, causal, dropout_p, scale, seed = 2, 4, 2, 8, 520, 32, True, 0.1, 32 ** -0.5, 11
+    q, k, v, mask = decode_inputs(B, Hq, Hkv, Tq, Tk, D, dtype, None, True)
+    out, lse = emulator.attention_fwd(q, k, v, mask, causal, scale, dropout_p, seed, 0, 0.0, False, False)
+    check_forward(out, lse, q, k, v, mask, causal, dropout_p, scale, seed, None, None)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    grads = emulator.attention_bwd(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed, 0, 0.0, False,
+                                   False)
+    want = reference_grads(q, k, v, grad_out, causal, torch.float64, mask, dropout_p, scale, seed)
+    same = reference_grads(q, k, v, grad_out, causal, dtype, mask, dropout_p, scale, seed)
+    for name, g, w, s in zip(("dq", "dk", "dv"), grads, want, same):
+        assert g.dtype == dtype and g.shape == w.shape
+        assert_close(g, w, s, what=name)
+
+
+def test_emulated_decode_grid_limit_is_refused(emulator):
+    """(Hq / Hkv) * Tq rows beyond grid.z's 65535 blocks of 8: a clear error, before any kernel runs."""
+    q = torch.zeros(1, 32800, 16, 16)
+    k = v = torch.zeros(1, 1, 4, 16)
+    with pytest.raises(RuntimeError, match=r"fastgpt::attention_fwd: \(Hq / Hkv\) \* Tq must be at most 524280 "
+                                           r"for the decode kernel \(grid.z"):
+        emulator.attention_fwd(q, k, v, None, True, 0.25, 0.0, 0, 0, 0.0, False, False)
 
 
 def test_emulated_layer_norm_with_no_rows(emulator):

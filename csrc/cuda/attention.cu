@@ -1,6 +1,8 @@
 // CUDA implementations of fastgpt::attention_fwd / attention_bwd (schemas: csrc/ops.cpp):
 // argument checks (csrc/checks.h), output allocation, and dispatch on dtype and head dim
-// (csrc/cuda/host.h) to the kernels of attention_{fwd,bwd}_<dtype>.cu. Everything runs on the current stream without host
+// (csrc/cuda/host.h) to the kernels of attention_{fwd,bwd}_<dtype>.cu; a forward with
+// Tq <= kDecodeMaxQueries takes the split-KV decode kernels of attention_decode_<dtype>.cu
+// instead (csrc/cuda/attention_decode_host.h, split for the device's SM count). Everything runs on the current stream without host
 // synchronisation or allocations outside the caching allocator, so the ops can be
 // captured in CUDA graphs.
 #include <ATen/core/Tensor.h>
@@ -14,11 +16,14 @@
 
 #include <cmath>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <tuple>
+#include <unordered_map>
 
 #include "checks.h"
 #include "cuda/attention.h"
+#include "cuda/attention_decode_host.h"
 #include "cuda/device_checks.h"
 #include "cuda/host.h"
 
@@ -45,6 +50,18 @@ at::Tensor kernel_layout(const at::Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
+// The SM count of `device` (it sizes the decode split), queried once per device.
+int multiprocessor_count(int device) {
+  static std::mutex mutex;
+  static std::unordered_map<int, int> counts;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = counts.find(device);
+  if (found != counts.end()) return found->second;
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return counts[device] = count;
+}
+
 std::optional<at::Tensor> contiguous_mask(const std::optional<at::Tensor>& mask) {
   if (!mask.has_value()) return std::nullopt;
   return mask->contiguous();
@@ -60,6 +77,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   check_compute_capability();
   const AttentionLauncher launcher = pick_attention_launcher(/*forward=*/true, q.scalar_type(), q.size(3));
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
+  const bool decode = is_decode(Tq);
+  if (decode) check_decode_grid("fastgpt::attention_fwd", B, k.size(1), H / k.size(1), Tq, D, /*num_splits=*/1);
   at::Tensor out = at::empty({B, H, Tq, D}, q.options());                    // (B, H, Tq, D)
   at::Tensor lse = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));     // (B, H, Tq)
   if (out.numel() == 0) return {out, lse};
@@ -73,7 +92,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   AttentionParams p = make_attention_params(q_, k_, v_, mask, causal, scale, dropout_p, seed, window, softcap);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  launcher(p, c10::cuda::getCurrentCUDAStream());
+  if (decode) {
+    run_attention_decode(p, q.scalar_type(), q.options(), multiprocessor_count(q.get_device()),
+                         c10::cuda::getCurrentCUDAStream());
+  } else {
+    launcher(p, c10::cuda::getCurrentCUDAStream());
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
 }

@@ -8,18 +8,26 @@
 // The attention entry points take the op's window / softcap (0 = none) like fastgpt::attention_*;
 // every entry point takes `reverse_order` (fiber scheduling order) and `copy_at_wait`
 // (cp.async data lands at the wait instead of at issue) to shake out ordering bugs.
+// attention_fwd takes attention.cu's dispatch (attention_decode_host.h): Tq <= kDecodeMaxQueries
+// runs the split-KV decode kernels, split for kEmulatedSmCount SMs; attention_decode_fwd forces
+// them, with a chosen chunk size, so that small Tk still spans several chunks.
 #include <torch/extension.h>
 
 #include "cuda/emulator/cuda_shim.h"
 // The kernels, compiled for the host against the shim:
 #include "cuda/attention_bwd.cuh"
+#include "cuda/attention_decode.cuh"
 #include "cuda/attention_fwd.cuh"
 #include "cuda/layer_norm.cuh"
 #include "cuda/rms_norm.cuh"
 #include "cuda/host.h"
+#include "cuda/attention_decode_host.h"
 
 namespace fastgpt::cuda {
 namespace {
+
+// The SM count the emulated forward plans its decode split for (an H100 / H200's).
+constexpr int kEmulatedSmCount = 132;
 
 void configure_ranges(bool reverse_order, bool copy_at_wait, const std::vector<const at::Tensor*>& inputs) {
   auto& rt = fastgpt_emu::runtime();
@@ -40,21 +48,63 @@ void configure(bool reverse_order, bool copy_at_wait, std::initializer_list<cons
 // As attention.cu: last dim contiguous (CPU allocations are aligned enough).
 at::Tensor kernel_layout(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
-std::vector<at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                      const std::optional<at::Tensor>& mask_in, bool causal, double scale,
-                                      double dropout_p, int64_t seed, int64_t window, double softcap, bool reverse_order,
-                                      bool copy_at_wait) {
+// The forward with attention.cu's choice of kernel; `decode_chunk` >= 0 forces the decode kernels
+// (0: the planned split, > 0: chunks of that many keys). Returns out, lse and the number of key
+// chunks the decode ran (0: the prefill kernel ran).
+std::tuple<at::Tensor, at::Tensor, int64_t> run_forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                        const at::Tensor& v_in,
+                                                        const std::optional<at::Tensor>& mask_in, bool causal,
+                                                        double scale, double dropout_p, int64_t seed, int64_t window,
+                                                        double softcap, bool reverse_order, bool copy_at_wait,
+                                                        int64_t decode_chunk) {
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   std::optional<at::Tensor> mask;
   if (mask_in.has_value()) mask = mask_in->contiguous();
+  const AttentionLauncher prefill = pick_attention_launcher(true, q.scalar_type(), q.size(3));
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   configure(reverse_order, copy_at_wait, {&q, &k, &v});
   AttentionParams p = make_attention_params(q, k, v, mask, causal, scale, dropout_p, seed, window, softcap);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  pick_attention_launcher(true, q.scalar_type(), q.size(3))(p, nullptr);
+  int64_t splits = 0;
+  if (decode_chunk >= 0 || is_decode(q.size(2))) {
+    splits = run_attention_decode(p, q.scalar_type(), q.options(), kEmulatedSmCount, nullptr,
+                                  int(decode_chunk > 0 ? decode_chunk : 0), NAN)
+                 .num_splits;
+  } else {
+    prefill(p, nullptr);
+  }
+  return {out, lse, splits};
+}
+
+std::vector<at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const std::optional<at::Tensor>& mask, bool causal, double scale,
+                                      double dropout_p, int64_t seed, int64_t window, double softcap, bool reverse_order,
+                                      bool copy_at_wait) {
+  auto [out, lse, splits] = run_forward(q, k, v, mask, causal, scale, dropout_p, seed, window, softcap, reverse_order,
+                                        copy_at_wait, /*decode_chunk=*/-1);
   return {out, lse};
+}
+
+// The decode kernels whatever Tq: (out, lse, number of key chunks); chunk 0 = the planned split.
+std::tuple<at::Tensor, at::Tensor, int64_t> attention_decode_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask, bool causal,
+    double scale, double dropout_p, int64_t seed, int64_t window, double softcap, int64_t chunk, bool reverse_order,
+    bool copy_at_wait) {
+  TORCH_CHECK(chunk >= 0, "attention_decode_fwd: chunk must be >= 0, got ", chunk);
+  return run_forward(q, k, v, mask, causal, scale, dropout_p, seed, window, softcap, reverse_order, copy_at_wait,
+                     chunk);
+}
+
+// The split the emulated forward plans for a call shape (num_splits, chunk, row_blocks).
+std::vector<int64_t> attention_decode_plan(int64_t B, int64_t Hq, int64_t Hkv, int64_t Tq, int64_t Tk, bool causal,
+                                           int64_t window, int64_t sm_count) {
+  AttentionParams p{};
+  p.batch = int(B), p.heads = int(Hq), p.kv_heads = int(Hkv), p.kv_group = int(Hq / Hkv);
+  p.q_len = int(Tq), p.k_len = int(Tk), p.causal = causal, p.window = int(window);
+  const DecodeSplits s = plan_attention_decode(p, int(sm_count));
+  return {s.num_splits, s.chunk, s.row_blocks};
 }
 
 std::vector<at::Tensor> attention_bwd(const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
@@ -123,12 +173,18 @@ std::vector<int64_t> attention_head_dims() {
   return std::vector<int64_t>(std::begin(kAttentionHeadDims), std::end(kAttentionHeadDims));
 }
 
+// attention.h's kDecodeMaxQueries (tests/test_cuda.py compares it with fastgpt/backends.py).
+int64_t decode_max_queries() { return kDecodeMaxQueries; }
+
 }  // namespace
 }  // namespace fastgpt::cuda
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_fwd", &fastgpt::cuda::attention_fwd);
   m.def("attention_bwd", &fastgpt::cuda::attention_bwd);
+  m.def("attention_decode_fwd", &fastgpt::cuda::attention_decode_fwd);
+  m.def("attention_decode_plan", &fastgpt::cuda::attention_decode_plan);
+  m.def("decode_max_queries", &fastgpt::cuda::decode_max_queries);
   m.def("layer_norm_fwd", &fastgpt::cuda::layer_norm_fwd);
   m.def("layer_norm_bwd", &fastgpt::cuda::layer_norm_bwd);
   m.def("rms_norm_fwd", &fastgpt::cuda::rms_norm_fwd);

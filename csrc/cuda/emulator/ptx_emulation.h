@@ -6,7 +6,8 @@
 //     (row l / 4, columns 2(l % 4), +1) of each block -- transposed with .trans;
 //   - mma.m16n8k16 with the fragment layouts of "Matrix Fragments for mma.m16n8k16".
 // Every shared-memory address is checked against the block's dynamic shared memory, and
-// every cp.async source against the tensors the launcher registered.
+// every cp.async source (and the decode kernel's vector loads) against the tensors the launcher
+// registered.
 #pragma once
 #include <string>
 
@@ -36,14 +37,16 @@ inline void check_shared(const void* address, size_t bytes, const char* what) {
   }
 }
 
-inline void check_global(const void* address) {
+// A 16-byte global read (`what`: cp.async, or a kernel's vector load) must be aligned and lie
+// inside one of the tensors the launcher registered.
+inline void check_global(const void* address, const char* what = "cp.async") {
   const auto* p = static_cast<const unsigned char*>(address);
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fastgpt_emu::fail("cp.async source not 16-byte aligned");
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fastgpt_emu::fail(std::string(what) + " source not 16-byte aligned");
   for (const auto& range : fastgpt_emu::runtime().global_ranges) {
     const auto* begin = static_cast<const unsigned char*>(range.begin);
     if (p >= begin && p + 16 <= begin + range.bytes) return;
   }
-  fastgpt_emu::fail("cp.async reads outside every input tensor");
+  fastgpt_emu::fail(std::string(what) + " reads outside every input tensor");
 }
 
 inline void perform(const fastgpt_emu::Copy& copy) {
