@@ -153,8 +153,10 @@ def _extension_reasons() -> dict[str, str | None]:
         reason = _extension.LOAD_ERROR
         return {"cpu": reason, "cuda": reason}
     reasons: dict[str, str | None] = {"cpu": None, "cuda": None}
-    if not _extension.has_kernel("attention_fwd", "CPU"):
-        reasons["cpu"] = "fastgpt._C has no CPU kernels registered (csrc/cpu was not compiled in)"
+    if _extension.CPU_ERROR is not None:
+        reasons["cpu"] = _extension.CPU_ERROR
+    elif not _extension.has_kernel("attention_fwd", "CPU"):
+        reasons["cpu"] = "no CPU kernels are registered (fastgpt/_cpu_<level> was not built)"
     if not _extension.built_with_cuda():
         reasons["cuda"] = ("fastgpt._C was built without CUDA (no CUDA toolkit or a CPU build of torch "
                            "at build time; FASTGPT_CUDA=1 forces it)")
@@ -190,7 +192,8 @@ def _build_registry() -> dict[str, Backend]:
                         _sdpa_rms_norm, _sdpa_add_rms_norm,
                         unfused={"window": "an explicit (Tq, Tk) boolean mask",
                                  "softcap": "the matmul attention of reference.py (SDPA has no softcap)"}),
-        "cpu": Backend("cpu", "fused C++ kernels (csrc/cpu)", FLOAT_DTYPES + (torch.float64,),
+        "cpu": Backend("cpu", f"fused C++ kernels (csrc/cpu), {_extension.CPU_CAPABILITY or 'no'} level "
+                       "(FASTGPT_CPU_CAPABILITY)", FLOAT_DTYPES + (torch.float64,),
                        tuple(range(1, 257)), {"cpu": ext["cpu"]},
                        _extension_attention, _extension_layer_norm, _extension_rms_norm, _extension_add_rms_norm,
                        features=frozenset({"gqa", "window", "softcap"})),
@@ -309,6 +312,9 @@ def info() -> dict[str, dict]:
             "missing_ops": dict(backend.missing),
             "not_fused": dict(backend.unfused),
         }
+    report["cpu"]["cpu_capability"] = _extension.CPU_CAPABILITY  # the vector ISA level of its kernels
+    report["cpu"]["cpu_levels"] = {"built": list(_extension.built_cpu_levels()),
+                                   "supported": list(_extension.supported_cpu_levels())}
     picks = {}
     for device_type, order in AUTO_ORDER.items():
         usable = [name for name in order if REGISTRY[name].why_not(device_type) is None]

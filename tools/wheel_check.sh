@@ -7,14 +7,16 @@
 # 1. `pip wheel --no-build-isolation --no-deps` against the installed torch, under the build
 #    lock `make build` takes: setup.cfg points build_ext at build/temp, so objects that
 #    `make build` compiled with the same flags are reused (ninja), not recompiled.
-# 2. The wheel must hold the compiled fastgpt/_C*.so and pin the torch release it was built
-#    against (Requires-Dist: torch==X.Y.Z): the extension runs under no other.
+# 2. The wheel must hold the compiled fastgpt/_C*.so and the CPU kernels of every level
+#    (fastgpt/_cpu_<level>*.so), and pin the torch release it was built against
+#    (Requires-Dist: torch==X.Y.Z): the extension runs under no other.
 # 3. A fresh venv that sees the project's torch without reinstalling it: `venv --without-pip`
 #    plus a .pth line naming the project venv's site-packages (a path named in a .pth file is
 #    added to sys.path, but the .pth files inside it are not run, so the project's editable
 #    fastgpt stays invisible). pip (from that path) installs the wheel into the fresh venv.
 # 4. From an empty directory: the wheel's fastgpt imports, its C++ backend is available, and
-#    attention, layer norm and a GPTModel forward run on it.
+#    attention, layer norm and a GPTModel forward run on it; again with FASTGPT_CPU_CAPABILITY=default
+#    (the baseline x86-64 kernels, what a CPU without AVX2 loads).
 set -euo pipefail
 unset PYTHONPATH  # the wheel alone must provide fastgpt
 
@@ -43,6 +45,10 @@ wheel = zipfile.ZipFile(sys.argv[1])
 names = wheel.namelist()
 extensions = [n for n in names if re.fullmatch(r"fastgpt/_C\.[^/]*\.so", n)]
 assert extensions, f"the wheel holds no compiled fastgpt/_C*.so: {names}"
+import platform
+levels = ("default", "avx2", "avx512") if platform.machine() in ("x86_64", "AMD64") else ("default",)
+missing = [lv for lv in levels if not any(re.fullmatch(rf"fastgpt/_cpu_{lv}\.[^/]*\.so", n) for n in names)]
+assert not missing, f"the wheel lacks the CPU kernels of the levels {missing}: {names}"
 metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
 release = torch.__version__.split("+")[0]
 pins = re.findall(r"^Requires-Dist: torch\b.*$", metadata, re.M)
@@ -59,7 +65,7 @@ echo "$PROJECT_SITE" > "$VENV_SITE/_project_site_packages.pth"
 
 mkdir "$SCRATCH/elsewhere"
 cd "$SCRATCH/elsewhere"
-"$VENV_PY" - "$VENV_SITE" <<'EOF'
+cat > "$SCRATCH/smoke.py" <<'EOF'
 import os, sys
 import torch
 import fastgpt
@@ -85,6 +91,8 @@ with torch.no_grad():
     logits = model(torch.randint(0, 97, (2, 16)))
 assert logits.shape == (2, 16, 97) and torch.isfinite(logits).all()
 print(f"wheel_check: fastgpt {fastgpt.__version__} from {os.path.dirname(fastgpt.__file__)}: "
-      f"cpu backend available; attention, layer_norm, GPTModel forward OK")
+      f"cpu backend ({cpu['cpu_capability']} level) available; attention, layer_norm, GPTModel forward OK")
 EOF
+"$VENV_PY" "$SCRATCH/smoke.py" "$VENV_SITE"
+FASTGPT_CPU_CAPABILITY=default "$VENV_PY" "$SCRATCH/smoke.py" "$VENV_SITE"
 echo "wheel_check: passed in $(elapsed "$start") s"
