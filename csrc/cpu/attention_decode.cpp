@@ -14,8 +14,10 @@
 //    More than kDecodeRows rows are cut into row blocks, each its own task.
 //  - The head dim in lanes: a score q·k is a dot product along D. For L keys at a time (L the
 //    vector width) the L partial-sum vectors are summed by one transposing reduction
-//    (sum_each_lane), so a score costs D / L fused multiply-adds and about one shuffle, and no
-//    lane is padding. P·V is the shared micro-kernel with V's rows as its vectors.
+//    (sum_each_lane), so a score costs D / L fused multiply-adds and about three shuffles, and no
+//    lane is padding. P·V is the shared micro-kernel with V's rows as its vectors, in blocks as wide
+//    as the registers allow (decode_pv): with one row, a narrow block would be a single chain of
+//    dependent FMAs per key, latency-bound.
 //  - Split over keys: a task's keys are cut into `splits` chunks (enough tasks for every thread,
 //    chunks of at least kDecodeMinChunk keys), each chunk a task of its own. A chunk runs the
 //    prefill's online softmax in base 2 (m, l, acc: see attention.cpp) and leaves the partial
@@ -79,20 +81,76 @@ inline Vectorized<float> sum_each_lane<float>(const Vectorized<float> (&acc)[8])
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// AVX-512: 128-bit-lane shuffles pair acc[j] with acc[j + 8] and add their 256-bit halves; three
+// rounds of emulated horizontal adds (two shuffles and an add each) then sum within 128-bit lanes,
+// and two cross-lane shuffles put the 16 sums in order: 46 instructions for 16 sums.
+inline __m512 hadd_lanes(__m512 a, __m512 b) {  // per 128-bit lane: [a0+a1, a2+a3, b0+b1, b2+b3]
+  return _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x88), _mm512_shuffle_ps(a, b, 0xDD));
+}
+
+template <>
+inline Vectorized<float> sum_each_lane<float>(const Vectorized<float> (&acc)[16]) {
+  __m512 half[8];  // half[i] = [256-bit half-sum of acc[i] | that of acc[i + 8]]
+  for (int i = 0; i < 8; ++i)
+    half[i] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[i], acc[i + 8], 0x44),
+                            _mm512_shuffle_f32x4(acc[i], acc[i + 8], 0xEE));
+  // Lane l of c0 holds the quarter-sums of acc[0..3] (l = 0, 1) or acc[8..11] (l = 2, 3); c1 the same
+  // for acc[4..7] and acc[12..15].
+  const __m512 c0 = hadd_lanes(hadd_lanes(half[0], half[1]), hadd_lanes(half[2], half[3]));
+  const __m512 c1 = hadd_lanes(hadd_lanes(half[4], half[5]), hadd_lanes(half[6], half[7]));
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
+  return _mm512_shuffle_f32x4(sums, sums, 0xD8);  // [0..3, 8..11, 4..7, 12..15] -> in order
+}
+#endif
+
 // scores[0 .. L) = q_row · k_rows[j] for the L rows k_rows[j * Dp ...]; Dp a multiple of L.
+// Four keys at a time walk the head dim (four independent FMA chains, four row pointers: no
+// register spills), all L partial sums are reduced together at the end.
 template <typename acc_t>
 inline Vectorized<acc_t> dot_keys(const acc_t* q_row, const acc_t* k_rows, int64_t Dp) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t L = Vec::size();
   Vec acc[L];
-#pragma GCC unroll 16
-  for (int64_t j = 0; j < L; ++j) acc[j] = Vec(acc_t(0));
-  for (int64_t d = 0; d < Dp; d += L) {
-    const Vec q = Vec::loadu(q_row + d);
-#pragma GCC unroll 16
-    for (int64_t j = 0; j < L; ++j) acc[j] = at::vec::fmadd(q, Vec::loadu(k_rows + j * Dp + d), acc[j]);
+  for (int64_t j0 = 0; j0 < L; j0 += 4) {
+    const acc_t* k0 = k_rows + j0 * Dp;
+    Vec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0)), a3(acc_t(0));
+    for (int64_t d = 0; d < Dp; d += L) {
+      const Vec q = Vec::loadu(q_row + d);
+      a0 = at::vec::fmadd(q, Vec::loadu(k0 + d), a0);
+      a1 = at::vec::fmadd(q, Vec::loadu(k0 + Dp + d), a1);
+      a2 = at::vec::fmadd(q, Vec::loadu(k0 + 2 * Dp + d), a2);
+      a3 = at::vec::fmadd(q, Vec::loadu(k0 + 3 * Dp + d), a3);
+    }
+    acc[j0] = a0, acc[j0 + 1] = a1, acc[j0 + 2] = a2, acc[j0 + 3] = a3;
   }
   return sum_each_lane<acc_t>(acc);
+}
+
+// o (rows, Dp) += p (rows, n; row stride kDecodeKeys) · v (n, Dp): the micro-kernel over blocks of
+// up to two rows and as many column vectors as divide Dp (at most 8 with AVX-512's 32 registers, 4
+// otherwise), so that even one row has several independent accumulator chains per key.
+template <typename acc_t, int V>
+void decode_pv_columns(int64_t rows, int64_t n, const acc_t* p, const acc_t* v, int64_t Dp, acc_t* o) {
+  constexpr int64_t cols = V * Vectorized<acc_t>::size();
+  for (int64_t c0 = 0; c0 < Dp; c0 += cols) {
+    int64_t r0 = 0;
+    for (; r0 + 2 <= rows; r0 += 2)
+      micro_gemm<acc_t, 2, V, true>(n, p + r0 * kDecodeKeys, kDecodeKeys, 1, v + c0, Dp, o + r0 * Dp + c0, Dp);
+    if (r0 < rows) micro_gemm<acc_t, 1, V, true>(n, p + r0 * kDecodeKeys, kDecodeKeys, 1, v + c0, Dp, o + r0 * Dp + c0, Dp);
+  }
+}
+
+template <typename acc_t>
+void decode_pv(int64_t rows, int64_t n, const acc_t* p, const acc_t* v, int64_t Dp, acc_t* o) {
+  constexpr int64_t L = Vectorized<acc_t>::size();
+  constexpr int kWide = L >= 16 ? 8 : 4;
+  if ((Dp / L) % kWide == 0)
+    decode_pv_columns<acc_t, kWide>(rows, n, p, v, Dp, o);
+  else if ((Dp / L) % 4 == 0)
+    decode_pv_columns<acc_t, 4>(rows, n, p, v, Dp, o);
+  else  // Dp is a whole number of micro-kernel column blocks (kMicroVecs = 2 vectors)
+    decode_pv_columns<acc_t, 2>(rows, n, p, v, Dp, o);
 }
 
 // How the problem is cut into tasks: units (b, kv head, row block) x splits (key chunks).
@@ -161,6 +219,16 @@ void decode_chunk(const Problem<scalar_t>& pb, const DecodePlan& plan, int64_t b
 
   for (int64_t k0 = k_lo; k0 < k_hi; k0 += kDecodeKeys) {
     const int64_t n = std::min(kDecodeKeys, k_hi - k0);
+    // The next tile's k and v, one cache line at a time, are requested while this one is computed:
+    // ~10 % at float32 from DRAM. Tiles converted from 16-bit are bound by the conversion instead,
+    // and there the extra instructions cost ~15 % (both measured on the 2-core Zen 4).
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      const int64_t next_bytes = std::min(kDecodeKeys, std::max<int64_t>(k_hi - k0 - n, 0)) * D * sizeof(scalar_t);
+      for (int64_t byte = 0; byte < next_bytes; byte += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(k + (k0 + n) * D) + byte);
+        __builtin_prefetch(reinterpret_cast<const char*>(v + (k0 + n) * D) + byte);
+      }
+    }
     // k_tile, v_tile (n, Dp): the input rows themselves when they already are such a matrix.
     const acc_t* k_tile = rows_as<acc_t>(k + k0 * D, n, D, Dp, s.k_tile.data());
     const acc_t* v_tile = rows_as<acc_t>(v + k0 * D, n, D, Dp, s.v_tile.data());
@@ -225,8 +293,7 @@ void decode_chunk(const Problem<scalar_t>& pb, const DecodePlan& plan, int64_t b
         for (int64_t j = 0; j < n; ++j) p[j] *= s.z[j];
       }
     }
-    // o (rows, Dp) += p (rows, n) · v_tile (n, Dp)
-    gemm<acc_t, true>(rows, Dp, n, s.p.data(), kDecodeKeys, 1, v_tile, Dp, s.o.data(), Dp);
+    decode_pv(rows, n, s.p.data(), v_tile, Dp, s.o.data());  // o (rows, Dp) += p (rows, n) · v_tile (n, Dp)
   }
   std::copy(s.m.begin(), s.m.begin() + rows, m_out);
   std::copy(s.l.begin(), s.l.begin() + rows, l_out);
