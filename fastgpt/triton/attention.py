@@ -312,6 +312,36 @@ def _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
     return acc, m_i, l_i
 
 
+@triton.jit
+def _attention_fwd_rows(q, k_base, v_base, kpm_row,
+                        stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
+                        offs_m, offs_d, d_ok, lo, full_end, end, Tq, Tk, qk_scale, dropout_p, keep_scale, seed64,
+                        softcap, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, SOFTCAP: tl.constexpr, window, WINDOW: tl.constexpr):
+    """One query tile over the key tiles [lo, full_end) (unmasked) and [full_end, end) (masked):
+    (out (BLOCK_M, BLOCK_D) float32, normalised, dropout's keep scale applied; lse (BLOCK_M,) in log2
+    units). A row with no visible key gets out = 0, lse = -inf. Shared by the prefill forward and the
+    decode chunks (attention_decode.py)."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, m_i, l_i = _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
+                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
+                                         offs_m, offs_d, d_ok, lo, full_end, Tq, Tk,
+                                         qk_scale, dropout_p, seed64, softcap,
+                                         CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_N, SOFTCAP, window, WINDOW)
+    acc, m_i, l_i = _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
+                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
+                                         offs_m, offs_d, d_ok, full_end, end, Tq, Tk,
+                                         qk_scale, dropout_p, seed64, softcap,
+                                         CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_N, SOFTCAP, window, WINDOW)
+    has_key = l_i > 0.0  # l_i >= 1 once a row has seen a visible key (its maximum adds exp2(0))
+    l_safe = tl.where(has_key, l_i, 1.0)  # no 1/0 or log(0) even in the discarded where branch
+    out = acc * tl.where(has_key, keep_scale / l_safe, 0.0)[:, None]
+    return out, tl.where(has_key, m_i + tl.math.log2(l_safe), float("-inf"))
+
+
 @_autotune(FWD_CONFIGS, FWD_INTERPRETER_CONFIG)
 @triton.jit
 def _attention_fwd_kernel(
@@ -347,25 +377,12 @@ def _attention_fwd_kernel(
     row_ok = offs_m < Tq
     q = tl.load(_advance(q_base, start_m, stride_qm) + tile_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     key_lo, full_end, end = _key_tile_ranges(start_m, Tq, Tk, window, CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i = _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
-                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                                         offs_m, offs_d, d_ok, key_lo, full_end, Tq, Tk,
-                                         qk_scale, dropout_p, seed64, softcap,
-                                         CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_N, SOFTCAP, window, WINDOW)
-    acc, m_i, l_i = _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
-                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                                         offs_m, offs_d, d_ok, full_end, end, Tq, Tk,
-                                         qk_scale, dropout_p, seed64, softcap,
-                                         CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_N, SOFTCAP, window, WINDOW)
-
-    has_key = l_i > 0.0  # l_i >= 1 once a row has seen a visible key (its maximum adds exp2(0))
-    l_safe = tl.where(has_key, l_i, 1.0)  # no 1/0 or log(0) even in the discarded where branch
-    out = acc * tl.where(has_key, keep_scale / l_safe, 0.0)[:, None]
-    lse = tl.where(has_key, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    out, lse2 = _attention_fwd_rows(q, k_base, v_base, kpm_row, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
+                                    offs_m, offs_d, d_ok, key_lo, full_end, end, Tq, Tk, qk_scale, dropout_p,
+                                    keep_scale, seed64, softcap, CAUSAL, HAS_KPM, HAS_DROPOUT, DOT_PRECISION,
+                                    BLOCK_M, BLOCK_N, BLOCK_D, SOFTCAP, window, WINDOW)
+    lse = lse2 * LN2
     tl.store(_advance(out_ptr, row0 + start_m, HEAD_DIM) + tile_m[:, None] * HEAD_DIM + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(lse_ptr + row0 + offs_m, lse, mask=row_ok)

@@ -18,7 +18,7 @@ reading the same kv head from memory again. Two changes fix both (Dao et al., "F
   `_decode_key_range`) are cut into chunks of CHUNK keys on an absolute grid (chunk c holds keys
   [c * CHUNK, (c + 1) * CHUNK); CHUNK is a power of two and a multiple of every BLOCK_N, so no key tile
   straddles two chunks), one program per (chunk, kv head, row tile). Each program runs the prefill
-  kernel's own online softmax (attention._attention_fwd_tiles: unmasked tiles first, then the masked
+  kernel's own online softmax (attention._attention_fwd_rows: unmasked tiles first, then the masked
   ones) over its chunk and writes a partial: its output normalised by its own denominator, o_s = acc_s / l_s
   (dropout's keep scale already applied), and lse_s = m_s + log2 l_s (log2 units), float32. A second,
   small kernel merges the splits exactly: with M = max_s lse_s and weights w_s = exp2(lse_s - M),
@@ -61,7 +61,7 @@ import triton.language as tl
 
 from . import _launch
 from ._launch import config
-from .attention import LN2, _advance, _attention_fwd_tiles, _head_dim_tiles, _philox_key
+from .attention import LN2, _advance, _attention_fwd_rows, _head_dim_tiles, _philox_key
 
 DECODE_CONFIGS = {
     128: [config(4, 2, BLOCK_N=64), config(4, 3, BLOCK_N=64), config(4, 2, BLOCK_N=128)],
@@ -170,24 +170,10 @@ def _attention_decode_kernel(
         end = tl.minimum(end, chunk_lo + CHUNK)
     full_end = tl.minimum(tl.maximum(full_end, lo), end)  # an empty range stays empty
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, m_i, l_i = _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
-                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                                         offs_m, offs_d, d_ok, lo, full_end, Tq, Tk,
-                                         qk_scale, dropout_p, seed64, softcap,
-                                         CAUSAL, HAS_KPM, HAS_DROPOUT, False, DOT_PRECISION, BLOCK_N, SOFTCAP, window, WINDOW)
-    acc, m_i, l_i = _attention_fwd_tiles(acc, m_i, l_i, q, k_base, v_base, kpm_row,
-                                         stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
-                                         offs_m, offs_d, d_ok, full_end, end, Tq, Tk,
-                                         qk_scale, dropout_p, seed64, softcap,
-                                         CAUSAL, HAS_KPM, HAS_DROPOUT, True, DOT_PRECISION, BLOCK_N, SOFTCAP, window, WINDOW)
-
-    has_key = l_i > 0.0  # l_i >= 1 once a row has seen a visible key (its maximum adds exp2(0))
-    l_safe = tl.where(has_key, l_i, 1.0)  # no 1/0 or log(0) even in the discarded where branch
-    o = acc * tl.where(has_key, keep_scale / l_safe, 0.0)[:, None]
-    lse2 = tl.where(has_key, m_i + tl.math.log2(l_safe), float("-inf"))  # log2 units
+    o, lse2 = _attention_fwd_rows(q, k_base, v_base, kpm_row, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn,
+                                  offs_m, offs_d, d_ok, lo, full_end, end, Tq, Tk, qk_scale, dropout_p, keep_scale,
+                                  seed64, softcap, CAUSAL, HAS_KPM, HAS_DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                                  BLOCK_D, SOFTCAP, window, WINDOW)  # lse2 in log2 units
     row0 = bhk.to(tl.int64) * rows + start_r  # the tile's first row in the (B * H * Tq) rows of the outputs
     in_tile = tile_r[:, None] * HEAD_DIM + offs_d[None, :]
     ok = row_ok[:, None] & d_ok[None, :]
