@@ -420,10 +420,7 @@ def markdown(data: dict, settings: Settings, png_name: str) -> str:
     if FLEX in data["settings"]["backends"]:
         lines[-1:-1] = ["- flex runs only with a window" + (", forward only (torch has no CPU backward for "
                         "FlexAttention)" if settings.device.type == "cpu" else "")]
-    if data["unavailable"]:
-        lines += ["Not measured (unavailable on this device):", ""]
-        lines += [f"- {name}: {why}" for name, why in data["unavailable"].items()]
-        lines.append("")
+    lines += common.not_measured_lines(data["unavailable"])
     lines += [f"![time and memory vs T]({png_name})", "", tables(data["results"], settings), "",
               "### fitted log-log slopes", "", slopes_table(data["slopes"])]
     return "\n".join(lines)

@@ -320,6 +320,13 @@ def speedup_cell(row: dict, field: str = "speedup_vs_torch") -> str:
     return f"{speedup:.2f}x" if speedup is not None else "—"
 
 
+def not_measured_lines(unavailable: dict[str, str]) -> list[str]:
+    """The markdown lines naming each backend a benchmark did not measure, and why ([] when none)."""
+    if not unavailable:
+        return []
+    return ["Not measured:", "", *(f"- {name}: {why}" for name, why in unavailable.items()), ""]
+
+
 def failure_lines(results: list[dict], describe: Callable[[dict], str]) -> str:
     """The 'Failures:' section of a result table ('' when every point ran)."""
     failures = [r for r in results if r["status"] != OK]

@@ -184,8 +184,7 @@ def markdown(data: dict, impl_names: list[str]) -> str:
              "bandwidth of dst.copy_(k) (2·|k| bytes) measured for the same shape in this run; vs sdpa = sdpa "
              "time / backend time",
              f"- end to end: {settings['generation']}", ""]
-    if data["unavailable"]:
-        lines += ["Not measured:", ""] + [f"- {name}: {why}" for name, why in data["unavailable"].items()] + [""]
+    lines += common.not_measured_lines(data["unavailable"])
     lines.append(attention_tables(data["copy"], data["results"], impl_names))
     if data["generation"]:
         lines += ["", generation_table(data["generation"])]

@@ -214,10 +214,7 @@ def markdown(data: dict) -> str:
              "matmul attention and reference norms); same tokens: greedy generation equals naive's",
              f"- time: {s['timer']}; train peak MB: {s['memory_measure']}",
              "- ratios (vs naive / vs sdpa) are tokens/s ratios from this run", ""]
-    if data["unavailable"]:
-        lines += ["Not measured (unavailable on this device):", ""]
-        lines += [f"- {name}: {why}" for name, why in data["unavailable"].items()]
-        lines.append("")
+    lines += common.not_measured_lines(data["unavailable"])
     lines.append(table(data["results"]))
     return "\n".join(lines)
 

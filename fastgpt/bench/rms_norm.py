@@ -137,10 +137,7 @@ def markdown(data: dict, impl_names: list[str]) -> str:
              f"- bytes: {settings['bytes']}",
              "- GB/s = bytes / median time; % of copy = GB/s / the copy bandwidth of the same shape, this run; "
              "vs torch = torch time / backend time", ""]
-    if data["unavailable"]:
-        lines += ["Not measured:", ""]
-        lines += [f"- {name}: {why}" for name, why in data["unavailable"].items()]
-        lines.append("")
+    lines += common.not_measured_lines(data["unavailable"])
     lines.append(tables(data["copy"], data["results"], impl_names))
     return "\n".join(lines)
 
