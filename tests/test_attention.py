@@ -588,11 +588,7 @@ def test_decode_forward_matches_oracle(kernel, case, causal):
 @pytest.mark.parametrize("case", [DECODE_CASES[2], DECODE_CASES[4]], ids=decode_id)
 def test_decode_gradients_match_oracle(kernel, case):
     """The backward of a decode forward (it recomputes from the decode kernel's out and lse)."""
-    backend, device = kernel
-    B, Hq, Hkv, Tq, Tk, D, window, softcap = case
-    require_features(backend, q_heads=Hq, kv_heads=Hkv, window=window, softcap=softcap)
-    q, k, v = gqa_inputs(B, Hq, Hkv, Tq, Tk, D, device)
-    check_grads(backend, q, k, v, True, padding_mask(B, Tk, device=device), window=window, softcap=softcap)
+    test_modern_gradients_match_oracle(kernel, case)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
