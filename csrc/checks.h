@@ -68,9 +68,11 @@ inline void check_attention_features(const char* op, const char* kernels, bool g
               " kernels, got softcap ", softcap_value);
 }
 
-// The backward's saved tensors: grad_out and out (B, H, Tq, D) like q, lse float32 (B, H, Tq).
+// The backward's saved tensors: grad_out and out (B, H, Tq, D) like q, lse and grad_lse (if any)
+// float32 (B, H, Tq).
 inline void check_attention_bwd_inputs(const char* op, const at::Tensor& grad_out, const at::Tensor& q,
-                                       const at::Tensor& out, const at::Tensor& lse) {
+                                       const at::Tensor& out, const at::Tensor& lse,
+                                       const std::optional<at::Tensor>& grad_lse) {
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
               ": grad_out and out must have the shape of q ", q.sizes(), ", got ", grad_out.sizes(), " and ",
               out.sizes());
@@ -82,6 +84,11 @@ inline void check_attention_bwd_inputs(const char* op, const at::Tensor& grad_ou
   TORCH_CHECK(grad_out.device() == q.device() && out.device() == q.device() && lse.device() == q.device(), op,
               ": grad_out, out and lse must be on ", q.device(), " (the device of q), got ", grad_out.device(),
               ", ", out.device(), ", ", lse.device());
+  if (grad_lse.has_value())
+    TORCH_CHECK(grad_lse->scalar_type() == at::kFloat && grad_lse->sizes() == lse.sizes() &&
+                    grad_lse->device() == q.device(),
+                op, ": grad_lse must be float32 ", lse.sizes(), " on ", q.device(), " like lse, got ",
+                grad_lse->scalar_type(), " ", grad_lse->sizes(), " on ", grad_lse->device());
 }
 
 // The saved statistics of layer norm and RMSNorm (mean, rstd (N,)): float32, float64 for float64 x.

@@ -11,6 +11,7 @@
 //   out          (B, H, Tq, D)  dtype of q
 //   lse          (B, H, Tq)     float32 log-sum-exp of the scaled, masked scores
 //                               (-inf for a row with no visible key)
+//   grad_lse     (B, H, Tq)     float32 gradient of lse, or None (attention(return_lse=True))
 //   causal is bottom-right aligned: query i (at p = i + Tk - Tq) sees key j iff j <= p.
 //   window W > 0 keeps p - W < j (causal) or |j - p| < W (non-causal); 0 = no window.
 //   softcap c > 0 turns scores s into c * tanh(s / c) before masking; 0 = none.
@@ -37,7 +38,7 @@ TORCH_LIBRARY(fastgpt, m) {
         "float scale, float dropout_p, int seed, int window, float softcap) -> (Tensor out, Tensor lse)");
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? key_padding_mask, bool causal, float scale, float dropout_p, int seed, int window, "
-        "float softcap) "
+        "float softcap, Tensor? grad_lse=None) "
         "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) "
         "-> (Tensor y, Tensor mean, Tensor rstd)");

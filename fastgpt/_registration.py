@@ -40,7 +40,7 @@ def _attention_fwd_fake(q, k, v, key_padding_mask, causal, scale, dropout_p, see
 
 
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, key_padding_mask, causal, scale, dropout_p, seed, window,
-                        softcap):
+                        softcap, grad_lse=None):
     return _contiguous_like(q, k, v)
 
 
@@ -52,9 +52,10 @@ def _attention_setup_context(ctx, inputs, output):
 
 
 def _attention_backward(attention_bwd, ctx, grad_out, grad_lse):
-    # lse is internal to fastgpt (nothing differentiates through it), so grad_lse is unused.
+    # lse is an output too (attention(return_lse=True), ring attention): its gradient, when one
+    # flows, enters the backward through delta (see csrc/cpu/attention.cpp).
     q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    grad_q, grad_k, grad_v = attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, *ctx.options)
+    grad_q, grad_k, grad_v = attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, *ctx.options, grad_lse)
     return grad_q, grad_k, grad_v, None, None, None, None, None, None, None
 
 

@@ -75,8 +75,9 @@ class Backend:
     head_dims: tuple[int, ...] | None  # None: any head dim
     # device type -> None when usable there, else the reason it is not
     unavailable: dict[str, str | None] = field(default_factory=dict)
-    # (q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap) -> out;
-    # window 0 and softcap 0.0 mean none (the operators' convention)
+    # (q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap, return_lse) -> out,
+    # or (out, lse (B, Hq, Tq) float32) with return_lse; window 0 and softcap 0.0 mean none (the
+    # operators' convention)
     attention: Callable | None = None
     layer_norm: Callable | None = None  # (x2d, weight, bias, eps) -> y2d
     rms_norm: Callable | None = None  # (x2d, weight or None, eps, offset) -> y2d
@@ -96,7 +97,20 @@ class Backend:
         return self.missing.get(op)
 
 
-def _sdpa_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap):
+def _with_reference_lse(out, q, k, causal, key_padding_mask, scale, window, softcap, return_lse):
+    """out, or (out, lse) with the log-sum-exp of reference.py's matmul scores (differentiable)."""
+    if not return_lse:
+        return out
+    lse = reference.attention_lse(q, k, causal, key_padding_mask, scale, window or None, softcap or None)
+    return out, lse.float()
+
+
+def _sdpa_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap, return_lse=False):
+    return _with_reference_lse(_sdpa_out(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap),
+                               q, k, causal, key_padding_mask, scale, window, softcap, return_lse)
+
+
+def _sdpa_out(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap):
     # SDPA draws its own dropout mask (torch's RNG), so `seed` is unused here.
     if softcap:  # SDPA has no softcap: the matmul attention of reference.py
         return reference.attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window or None, softcap)
@@ -114,14 +128,17 @@ def _sdpa_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, w
     return out.masked_fill(~has_key, 0.0)
 
 
-def _naive_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap):
-    return reference.attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window or None,
-                               softcap or None)
+def _naive_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap, return_lse=False):
+    out = reference.attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window or None,
+                              softcap or None)
+    return _with_reference_lse(out, q, k, causal, key_padding_mask, scale, window, softcap, return_lse)
 
 
-def _extension_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap):
-    return torch.ops.fastgpt.attention_fwd(q, k, v, key_padding_mask, causal, scale, dropout_p, seed,
-                                           window, softcap)[0]
+def _extension_attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window, softcap,
+                         return_lse=False):
+    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, key_padding_mask, causal, scale, dropout_p, seed,
+                                               window, softcap)
+    return (out, lse) if return_lse else out
 
 
 def _extension_layer_norm(x, weight, bias, eps):
@@ -191,7 +208,9 @@ def _build_registry() -> dict[str, Backend]:
                         _sdpa_attention, lambda x, w, b, eps: F.layer_norm(x, x.shape[-1:], w, b, eps),
                         _sdpa_rms_norm, _sdpa_add_rms_norm,
                         unfused={"window": "an explicit (Tq, Tk) boolean mask",
-                                 "softcap": "the matmul attention of reference.py (SDPA has no softcap)"}),
+                                 "softcap": "the matmul attention of reference.py (SDPA has no softcap)",
+                                 "return_lse": "the log-sum-exp of reference.py's matmul scores (SDPA "
+                                               "returns none)"}),
         "cpu": Backend("cpu", f"fused C++ kernels (csrc/cpu), {_extension.CPU_CAPABILITY or 'no'} level "
                        "(FASTGPT_CPU_CAPABILITY)", FLOAT_DTYPES + (torch.float64,),
                        tuple(range(1, 257)), {"cpu": ext["cpu"]},

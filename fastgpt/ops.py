@@ -82,7 +82,8 @@ def _draw_seed() -> int:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
               key_padding_mask: torch.Tensor | None = None, window: int | None = None,
               softcap: float | None = None, dropout_p: float = 0.0,
-              scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+              scale: float | None = None, return_lse: bool = False,
+              backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Scaled dot-product attention softmax(mask(cap(q kᵀ · scale))) v, fused where the backend allows.
 
     q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) with Hq % Hkv == 0 (grouped-query attention: query
@@ -93,13 +94,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     softcap: scores s become softcap * tanh(s / softcap) before masking (Gemma 2).
     dropout_p: dropout on the attention weights (Philox mask, identical across the fused backends).
     scale: defaults to 1/sqrt(D). backend: auto | naive | sdpa | cpu | cuda | triton.
+    return_lse: also return lse (B, Hq, Tq) float32, the natural-log log-sum-exp of the masked,
+    scaled (capped) scores before dropout (-inf for a row with no visible key): what ring attention
+    and split-KV decoding merge partial results on. Differentiable in both outputs.
     """
     scale = _check_attention(q, k, v, key_padding_mask, dropout_p, scale, window, softcap)
+    if not isinstance(return_lse, bool):
+        raise ValueError(f"fastgpt.attention: return_lse must be a bool, got {return_lse!r}")
     features = backends.attention_features(q.shape[1], k.shape[1], window, softcap)
     chosen = backends.select(backend, q.device, q.dtype, q.shape[-1], features)
     seed = _draw_seed() if dropout_p > 0.0 else 0
     return chosen.attention(q, k, v, bool(causal), key_padding_mask, float(dropout_p), scale, seed,
-                            0 if window is None else int(window), 0.0 if softcap is None else float(softcap))
+                            0 if window is None else int(window), 0.0 if softcap is None else float(softcap),
+                            return_lse)
 
 
 def _check_rows(op: str, x) -> int:

@@ -117,9 +117,13 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, causal: bool = True,
                   scale: float | None = None, window: int | None = None,
                   softcap: float | None = None) -> torch.Tensor:
     """(B, Hq, Tq) log-sum-exp of the scaled, masked scores (-inf for rows with no visible key):
-    what the fused kernels save for their backward pass."""
+    what the fused kernels save for their backward pass. Differentiable: a row with no visible key
+    takes its log-sum-exp over zeros and is then set to -inf, so no NaN flows back."""
     keep = visible_keys(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device, window)
-    return torch.logsumexp(_scores(q, k, scale, softcap).masked_fill(~keep, float("-inf")), dim=-1)
+    has_key = keep.any(dim=-1)  # (B|1, 1, Tq)
+    scores = _scores(q, k, scale, softcap).masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores.masked_fill(~has_key[..., None], 0.0), dim=-1)
+    return lse.masked_fill(~has_key, float("-inf"))
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -18,7 +18,7 @@ import fastgpt
 from fastgpt import backends, reference
 from fastgpt.ops import _draw_seed
 from checks import assert_close, attention_oracle, make_qkv, padding_mask
-from conftest import skip_unsupported_dtype
+from conftest import require_backend, skip_unsupported_dtype
 
 # B, H, Tq, Tk, D
 SHAPES = [
@@ -282,6 +282,84 @@ def test_cpu_dropout_mask_is_bit_identical_to_reference(seed):
     out, _ = torch.ops.fastgpt.attention_fwd(q, v, v, None, False, 1.0, p, seed, 0, 0.0)
     kept = out * ((1 - p) * Tk) > 0.5
     assert torch.equal(kept, reference.dropout_keep_mask(seed, B, H, Tq, Tk, p))
+
+
+# ---- return_lse: (out, lse), differentiable in both ----------------------------------------
+
+@pytest.fixture(params=["naive", "sdpa", "cpu", pytest.param("cuda", marks=pytest.mark.cuda),
+                        pytest.param("triton", marks=pytest.mark.triton)], ids=lambda b: f"backend={b}")
+def any_backend(request):
+    """(backend, device) for every backend, fused or not, that runs in this session."""
+    return request.param, require_backend(request.param)
+
+
+LSE_CASES = [  # B, Hq, Hkv, Tq, Tk, D, causal, window, softcap; batch 0 of each is fully padded
+    (2, 2, 2, 37, 37, 32, True, None, None),
+    (2, 4, 2, 70, 45, 16, True, None, None),   # Tq > Tk: the first 25 rows see no key (lse -inf)
+    (2, 4, 1, 130, 130, 64, False, 33, 5.0),   # MQA, window, softcap
+    (2, 6, 2, 3, 140, 32, True, 50, None),     # decoding: the split-KV kernels
+]
+
+
+def lse_loss(out, lse, grad_out, grad_lse):
+    """<out, grad_out> + <lse, grad_lse> over the rows that see a key (lse -inf elsewhere)."""
+    return (out * grad_out).sum() + (torch.where(torch.isfinite(lse), lse, 0.0) * grad_lse).sum()
+
+
+@pytest.mark.parametrize("only_lse", [False, True], ids=["out+lse", "lse-only"])
+@pytest.mark.parametrize("case", LSE_CASES, ids=lambda c: "B{}Hq{}Hkv{}Tq{}Tk{}D{}-causal{}-w{}-cap{}".format(*c))
+def test_return_lse_forward_and_gradients(any_backend, case, only_lse):
+    """lse against reference.attention_lse, and the gradients of a loss of both outputs against the
+    float64 oracle. lse-only: no gradient reaches out, so dv is exactly zero and dq, dk come from
+    lse alone (a backward that ignored grad_lse would return zeros)."""
+    backend, device = any_backend
+    B, Hq, Hkv, Tq, Tk, D, causal, window, softcap = case
+    q, k, v = gqa_inputs(B, Hq, Hkv, Tq, Tk, D, device)
+    mask = padding_mask(B, Tk, device=device)
+    gen = torch.Generator().manual_seed(7)
+    grad_out = torch.zeros(q.shape) if only_lse else torch.randn(q.shape, generator=gen)
+    grad_lse = torch.randn(q.shape[:3], generator=gen)
+    options = dict(causal=causal, key_padding_mask=mask, window=window, softcap=softcap)
+
+    def run(dtype, fn):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*leaves)
+        loss = lse_loss(out, lse, grad_out.to(device, dtype), grad_lse.to(device, lse.dtype))
+        return (out, lse), torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    (out, lse), got = run(q.dtype, lambda *t: fastgpt.attention(*t, return_lse=True, backend=backend, **options))
+
+    def oracle(*t):
+        return (reference.attention(*t, causal, mask, window=window, softcap=softcap),
+                reference.attention_lse(*t[:2], causal, mask, window=window, softcap=softcap))
+
+    (want_out, want_lse), want = run(torch.float64, oracle)
+    _, same = run(q.dtype, oracle)
+    assert_close(out, want_out, what="out")
+    assert_lse_matches(lse, want_lse)
+    assert torch.isinf(lse[0]).all()  # batch 0 sees no key
+    for name, g, w, s in zip(("dq", "dk", "dv"), got, want, same):
+        if only_lse and name == "dv":
+            assert g is None or not g.any(), "dv must be zero when only lse is differentiated"
+            continue
+        assert w.abs().max() > 0, f"{name}: the case must produce a gradient"
+        assert_close(g, w, s, what=name)
+
+
+def test_return_lse_false_returns_out_only():
+    q, k, v = make_qkv(1, 2, 9, 9, 16)
+    out = fastgpt.attention(q, k, v, backend="cpu")
+    both = fastgpt.attention(q, k, v, return_lse=True, backend="cpu")
+    assert isinstance(out, torch.Tensor) and isinstance(both, tuple) and torch.equal(both[0], out)
+    with pytest.raises(ValueError, match="return_lse must be a bool"):
+        fastgpt.attention(q, k, v, return_lse=1)
+
+
+def test_cpu_backward_rejects_a_bad_grad_lse():
+    q, k, v = make_qkv(1, 2, 9, 9, 16)
+    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, None, True, 0.25, 0.0, 0, 0, 0.0)
+    with pytest.raises(RuntimeError, match="grad_lse must be float32"):
+        torch.ops.fastgpt.attention_bwd(out, q, k, v, out, lse, None, True, 0.25, 0.0, 0, 0, 0.0, lse.double())
 
 
 # ---- cpu op level -------------------------------------------------------------------------

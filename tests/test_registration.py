@@ -15,7 +15,7 @@ SCHEMAS = {
                      "float scale, float dropout_p, int seed, int window, float softcap) -> (Tensor out, Tensor lse)",
     "attention_bwd": "fastgpt::attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
                      "Tensor? key_padding_mask, bool causal, float scale, float dropout_p, int seed, int window, "
-                     "float softcap) "
+                     "float softcap, Tensor? grad_lse=None) "
                      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)",
     "layer_norm_fwd": "fastgpt::layer_norm_fwd(Tensor x, Tensor weight, Tensor bias, float eps) "
                       "-> (Tensor y, Tensor mean, Tensor rstd)",

@@ -502,12 +502,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
-    double dropout_p, int64_t seed, int64_t window, double softcap) {
+    double dropout_p, int64_t seed, int64_t window, double softcap, const std::optional<at::Tensor>& grad_lse_in) {
   check_inputs("fastgpt::attention_bwd", q_in, k_in, v_in, key_padding_mask, dropout_p, window, softcap);
-  check_attention_bwd_inputs("fastgpt::attention_bwd", grad_out_in, q_in, out_in, lse_in);
+  check_attention_bwd_inputs("fastgpt::attention_bwd", grad_out_in, q_in, out_in, lse_in, grad_lse_in);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor grad_out = grad_out_in.contiguous(), out = out_in.contiguous();
   const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor grad_lse = grad_lse_in.has_value() ? grad_lse_in->contiguous() : at::Tensor();
   std::optional<at::Tensor> mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
@@ -519,10 +520,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const auto pb = make_problem<scalar_t>(q, k, v, mask, causal, scale, dropout_p, seed, window, softcap);
     const auto acc_options = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
 
-    // delta (B, H, Tq) = rowsum(dO ∘ O), in acc_t.
+    // delta (B, H, Tq) = rowsum(dO ∘ O) - grad_lse, in acc_t: d lse_i / d s_ij = P_ij, so a
+    // gradient of lse enters dS = P ∘ (dP - delta) through delta.
     at::Tensor delta = at::empty({B, H, Tq}, acc_options);
     const scalar_t* grad_out_data = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* out_data = out.const_data_ptr<scalar_t>();
+    const float* grad_lse_data = grad_lse.defined() ? grad_lse.const_data_ptr<float>() : nullptr;
     acc_t* delta_data = delta.mutable_data_ptr<acc_t>();
     at::parallel_for(0, B * H * Tq, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
@@ -530,7 +533,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
         for (int64_t d = 0; d < D; ++d)
           sum += static_cast<acc_t>(grad_out_data[row * D + d]) *
                  static_cast<acc_t>(out_data[row * D + d]);
-        delta_data[row] = sum;
+        delta_data[row] = grad_lse_data != nullptr ? sum - static_cast<acc_t>(grad_lse_data[row]) : sum;
       }
     });
 

@@ -105,9 +105,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
-    double dropout_p, int64_t seed, int64_t window, double softcap) {
+    double dropout_p, int64_t seed, int64_t window, double softcap, const std::optional<at::Tensor>& grad_lse) {
   check_cuda_inputs("fastgpt::attention_bwd", q, k, v, key_padding_mask, dropout_p, window, softcap);
-  check_attention_bwd_inputs("fastgpt::attention_bwd", grad_out, q, out, lse);
+  check_attention_bwd_inputs("fastgpt::attention_bwd", grad_out, q, out, lse, grad_lse);
   const c10::cuda::CUDAGuard guard(q.device());
   check_compute_capability();
   const AttentionLauncher launcher = pick_attention_launcher(/*forward=*/false, q.scalar_type(), q.size(3));
@@ -125,7 +125,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor delta = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));             // (B, H, Tq)
   at::Tensor grad_q_accum = at::zeros({B, H, Tq, D}, q.options().dtype(at::kFloat));  // (B, H, Tq, D)
   AttentionParams p = make_attention_params(q_, k_, v_, mask, causal, scale, dropout_p, seed, window, softcap);
-  set_attention_backward_params(p, grad_out_, out_, lse_, delta, grad_q_accum, grad_q, grad_k, grad_v);
+  const std::optional<at::Tensor> grad_lse_ =
+      grad_lse.has_value() ? std::optional<at::Tensor>(grad_lse->contiguous()) : std::nullopt;
+  set_attention_backward_params(p, grad_out_, out_, lse_, grad_lse_, delta, grad_q_accum, grad_q, grad_k, grad_v);
   launcher(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_q, grad_k, grad_v};

@@ -41,7 +41,8 @@ struct AttentionParams {
   int64_t grad_out_batch_stride, grad_out_head_stride, grad_out_row_stride;
   const void* saved_out;  // (B, H, Tq, D) contiguous
   const float* saved_lse; // (B, H, Tq)
-  float* delta;           // (B, H, Tq) scratch: rowsum(grad_out * out)
+  const float* grad_lse;  // (B, H, Tq) or null: the gradient of the returned lse (return_lse=True)
+  float* delta;           // (B, H, Tq) scratch: rowsum(grad_out * out) - grad_lse
   float* grad_q_accum;    // (B, H, Tq, D) float32 scratch, zero-initialised
   void* grad_q;           // (B, H, Tq, D) contiguous
   void* grad_k;           // (B, Hkv, Tk, D) contiguous, summed over each kv head's query group

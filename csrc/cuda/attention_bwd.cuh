@@ -1,5 +1,6 @@
 // Attention backward, FlashAttention-2 style, in three launches:
-//   1. delta:  D_i = Σ_d dO[i, d] · O[i, d]  (= Σ_j P̃_ij dP̃_ij, also under dropout);
+//   1. delta:  D_i = Σ_d dO[i, d] · O[i, d]  (= Σ_j P̃_ij dP̃_ij, also under dropout), minus the
+//              gradient of lse_i when the caller differentiates through it (d lse_i / d s_ij = P_ij);
 //   2. main:   one thread block per (batch, kv head, tile of kBlockN keys); warp w owns keys
 //              [16w, 16w + 16). It walks the query tiles that can see its keys (causal and
 //              window bounds), of every query head of the kv head's GQA group, with Q,
@@ -290,7 +291,8 @@ __global__ void __launch_bounds__(256) attention_bwd_delta_kernel(const Attentio
   }
 #pragma unroll
   for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(kFullWarp, sum, offset);
-  if (part == 0 && row < total_rows) p.delta[row] = sum;
+  // d lse_i / d s_ij = P_ij, so a gradient of lse enters dS = P ∘ (dP - delta + grad_lse) through delta.
+  if (part == 0 && row < total_rows) p.delta[row] = p.grad_lse != nullptr ? sum - p.grad_lse[row] : sum;
 }
 
 // dQ = scale · dQ_accum in the input dtype, 4 elements per thread and step.

@@ -83,9 +83,11 @@ inline AttentionParams make_attention_params(const at::Tensor& q, const at::Tens
 }
 
 // The backward's extra tensors: grad_out (B, H, Tq, D) with a contiguous last dim; out, the
-// gradients and grad_q_accum (float32) contiguous; lse, delta (B, H, Tq) float32.
+// gradients and grad_q_accum (float32) contiguous; lse, delta and grad_lse (B, H, Tq) float32
+// (grad_lse absent when nothing differentiates through lse).
 inline void set_attention_backward_params(AttentionParams& p, const at::Tensor& grad_out, const at::Tensor& out,
-                                          const at::Tensor& lse, at::Tensor& delta, at::Tensor& grad_q_accum,
+                                          const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+                                          at::Tensor& delta, at::Tensor& grad_q_accum,
                                           at::Tensor& grad_q, at::Tensor& grad_k, at::Tensor& grad_v) {
   p.grad_out = grad_out.data_ptr();
   p.grad_out_batch_stride = grad_out.stride(0), p.grad_out_head_stride = grad_out.stride(1),
@@ -100,6 +102,7 @@ inline void set_attention_backward_params(AttentionParams& p, const at::Tensor& 
 // ---- layer norm
 
 // x (N, C), weight, bias (C,) contiguous in one dtype -> y (N, C) contiguous, mean, rstd (N,)
+  p.grad_lse = grad_lse.has_value() ? grad_lse->data_ptr<float>() : nullptr;
 // float32, launched on `stream`.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> run_layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
                                                                          const at::Tensor& bias, double eps,

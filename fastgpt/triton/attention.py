@@ -675,10 +675,10 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
 @torch.library.custom_op("fastgpt::triton_attention_bwd", mutates_args=())
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float,
-                  dropout_p: float, seed: int, window: int,
-                  softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad_out, out (B, H, Tq, D), lse (B, H, Tq) from attention_fwd -> grad_q (B, H, Tq, D),
-    grad_k, grad_v (B, H, Tk, D), contiguous in the inputs' dtype."""
+                  dropout_p: float, seed: int, window: int, softcap: float,
+                  grad_lse: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_out, out (B, H, Tq, D), lse (B, H, Tq) from attention_fwd, grad_lse (B, H, Tq) float32
+    or None -> grad_q (B, H, Tq, D), grad_k, grad_v (B, H, Tk, D), contiguous in the inputs' dtype."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     op = "triton_attention_bwd"
@@ -705,13 +705,18 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
             *bwd_args, sm_scale=scale, DQ_PASS=False, **scalars)
         _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
             *bwd_args, sm_scale=scale, DQ_PASS=True, **scalars)
+    torch._check(grad_lse is None or (grad_lse.shape == lse.shape and grad_lse.dtype == torch.float32),
+                 lambda: f"fastgpt::{op}: grad_lse must be float32 (B, H, Tq) = ({B}, {H}, {Tq}) like lse, "
+                         f"got {grad_lse.dtype} {tuple(grad_lse.shape)}")
     return grad_q, grad_k, grad_v
 
 
 _registration.register("attention", impl="triton_")  # fake impls, autograd, double-backward guard
 
 
-def attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window=0, softcap=0.0):
-    """The `triton` backend's attention: q (B, H, Tq, D), k, v (B, H, Tk, D) -> (B, H, Tq, D).
-    Inputs are validated by fastgpt.ops; differentiable in q, k, v."""
-    return attention_fwd(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window, softcap)[0]
+def attention(q, k, v, causal, key_padding_mask, dropout_p, scale, seed, window=0, softcap=0.0, return_lse=False):
+    """The `triton` backend's attention: q (B, H, Tq, D), k, v (B, H, Tk, D) -> (B, H, Tq, D), and
+    lse (B, H, Tq) float32 with return_lse. Inputs are validated by fastgpt.ops; differentiable in
+    q, k, v (through out and lse)."""
+    out, lse = attention_fwd(q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window, softcap)
+    return (out, lse) if return_lse else out

@@ -111,7 +111,8 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& grad_out_in, const at::T
                                       const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse_in,
                                       const std::optional<at::Tensor>& mask_in, bool causal, double scale,
                                       double dropout_p, int64_t seed, int64_t window, double softcap, bool reverse_order,
-                                      bool copy_at_wait) {
+                                      bool copy_at_wait,
+                                      const std::optional<at::Tensor>& grad_lse_in) {
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   const at::Tensor grad_out = kernel_layout(grad_out_in), out = out_in.contiguous(), lse = lse_in.contiguous();
   std::optional<at::Tensor> mask;
@@ -123,7 +124,9 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& grad_out_in, const at::T
              grad_v = at::empty(v.sizes(), v.options());
   configure(reverse_order, copy_at_wait, {&q, &k, &v, &grad_out});
   AttentionParams p = make_attention_params(q, k, v, mask, causal, scale, dropout_p, seed, window, softcap);
-  set_attention_backward_params(p, grad_out, out, lse, delta, grad_q_accum, grad_q, grad_k, grad_v);
+  std::optional<at::Tensor> grad_lse;
+  if (grad_lse_in.has_value()) grad_lse = grad_lse_in->contiguous();
+  set_attention_backward_params(p, grad_out, out, lse, grad_lse, delta, grad_q_accum, grad_q, grad_k, grad_v);
   pick_attention_launcher(false, q.scalar_type(), q.size(3))(p, nullptr);
   return {grad_q, grad_k, grad_v};
 }
@@ -181,7 +184,11 @@ int64_t decode_max_queries() { return kDecodeMaxQueries; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_fwd", &fastgpt::cuda::attention_fwd);
-  m.def("attention_bwd", &fastgpt::cuda::attention_bwd);
+  namespace py = pybind11;
+  m.def("attention_bwd", &fastgpt::cuda::attention_bwd, py::arg("grad_out"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"),
+        py::arg("dropout_p"), py::arg("seed"), py::arg("window"), py::arg("softcap"), py::arg("reverse_order"),
+        py::arg("copy_at_wait"), py::arg("grad_lse") = py::none());
   m.def("attention_decode_fwd", &fastgpt::cuda::attention_decode_fwd);
   m.def("attention_decode_plan", &fastgpt::cuda::attention_decode_plan);
   m.def("decode_max_queries", &fastgpt::cuda::decode_max_queries);
