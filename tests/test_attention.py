@@ -441,6 +441,29 @@ def test_cpu_property_random_shapes(B, Hkv, group, Tq, Tk, D, causal, masked, wi
         assert_close(g, w, what=name)
 
 
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
+@given(B=st.integers(1, 2), Hkv=st.integers(1, 2), group=st.sampled_from([1, 2]), Tq=st.integers(17, 300),
+       Tk=st.integers(1, 300), D=st.sampled_from([1, 3, 16, 24, 64, 80]), causal=st.booleans(),
+       masked=st.booleans(), window=st.one_of(st.none(), st.integers(1, 150)),
+       softcap=st.sampled_from([None, None, 30.0]), dropout_p=st.sampled_from([0.0, 0.0, 0.35]),
+       scale=st.floats(-1.0, 1.0), mask_seed=st.integers(0, 2**16))
+def test_cpu_bfloat16_prefill_random_shapes(B, Hkv, group, Tq, Tk, D, causal, masked, window, softcap, dropout_p,
+                                            scale, mask_seed):
+    """The bfloat16 prefill forward (bf16 dot products where the CPU has them: pairs of head dims,
+    key ranges widened to whole key pairs at any offset) against the oracle, within the error
+    of the naive attention in bfloat16, and lse within float32's: several key tiles, odd D and
+    odd key offsets (windows, Tq != Tk, causal blocks)."""
+    q, _, _ = make_qkv(B, Hkv * group, Tq, Tk, D, dtype=torch.bfloat16, generator_seed=mask_seed)
+    _, k, v = make_qkv(B, Hkv, Tq, Tk, D, dtype=torch.bfloat16, generator_seed=mask_seed + 1)
+    mask = (torch.rand(B, Tk, generator=torch.Generator().manual_seed(mask_seed)) > 0.4) if masked else None
+    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, causal, scale, dropout_p, mask_seed, window or 0,
+                                               softcap or 0.0)
+    options = dict(window=window, softcap=softcap)
+    oracle, same = attention_oracle(q, k, v, causal, mask, dropout_p, scale, mask_seed, **options)
+    assert_close(out, oracle, same)
+    assert_lse_matches(lse, reference.attention_lse(q.double(), k.double(), causal, mask, scale, **options))
+
+
 # ---- memory: nothing of size Tq x Tk ------------------------------------------------------
 
 _PEAK_RSS = """

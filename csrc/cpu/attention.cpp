@@ -59,6 +59,12 @@
 // None of it costs the plain path: the window's bounds reduce to the causal ones, and the
 // backward's softcap is a template flag.
 //
+// bfloat16 forward on CPUs with AVX-512 BF16 (the avx512 level, checked at run time): both
+// products run as bf16 dot products (csrc/cpu/bf16_dot.h: two multiply-adds per float32 lane
+// and instruction) on q, k, v as they are, with float32 scores, softmax state and output
+// accumulators; P is rounded to bfloat16 for P·V. Elsewhere bfloat16 is converted to float32.
+// The backward always runs in float32.
+//
 // Every matrix product is the same register-blocked micro-kernel (micro_gemm): a block of
 // kMicroRows x (kMicroVecs vectors) of the result stays in registers while the reduction
 // walks one broadcast scalar per row and kMicroVecs vector loads per step.
@@ -81,6 +87,7 @@
 
 #include "checks.h"
 #include "cpu/attention_common.h"
+#include "cpu/bf16_dot.h"
 
 namespace fastgpt {
 namespace {
@@ -108,21 +115,37 @@ template <typename acc_t>
 struct ForwardScratch {
   static constexpr int64_t W = kGemmCols<acc_t>;  // queries per column block
   // qT, oT (blocks, D, W): the queries (pre-scaled) and their accumulators, in lanes;
-  // m, l (kFwdQueries): the online-softmax state; sT (kFwdKeys, W): one block's score tile.
+  // m, l (kFwdQueries): the online-softmax state; sT (kFwdKeys + 1, W): one block's score tile.
   std::vector<acc_t> qT, oT, m, l, sT, z, k_tile, v_tile;
-  ForwardScratch(int64_t D)
-      : qT(kFwdQueries * D), oT(kFwdQueries * D), m(kFwdQueries), l(kFwdQueries),
-        sT(kFwdKeys * W), z(W), k_tile(kFwdKeys * D), v_tile(kFwdKeys * D) {}
+  // bfloat16 dot products (bf16_dot.h), when `dot`: q_words (blocks, Dh, W) and k_words
+  // (kFwdKeys + 2, Dh) in pairs of head dims, v_words (D, kVPairs) and p_words (kVPairs, W) in
+  // pairs of keys (Dh = ceil(D / 2)); the extra key rows are the zero padding of odd counts.
+  static constexpr int64_t kVPairs = kFwdKeys / 2 + 1;
+  int64_t Dh;
+  std::vector<uint32_t> q_words, k_words, v_words, p_words;
+  ForwardScratch(int64_t D, bool dot)
+      : qT(dot ? 0 : kFwdQueries * D), oT(kFwdQueries * D), m(kFwdQueries), l(kFwdQueries),
+        sT((kFwdKeys + 1) * W), z(W), k_tile(dot ? 0 : kFwdKeys * D), v_tile(dot ? 0 : kFwdKeys * D),
+        Dh((D + 1) / 2), q_words(dot ? kFwdQueries * Dh : 0), k_words(dot ? (kFwdKeys + 2) * Dh : 0),
+        v_words(dot ? D * kVPairs : 0), p_words(dot ? kVPairs * W : 0) {}
 };
+
+// Head dims 2t and 2t + 1 of a bfloat16 row of D as one word (zero past D).
+inline uint32_t dim_pair(const c10::BFloat16* row, int64_t t, int64_t D) {
+  return bf16_word(row[2 * t], 2 * t + 1 < D ? row[2 * t + 1] : c10::BFloat16(0.f));
+}
 
 // One forward task: queries [q0, q0 + rows) of head bh. out (rows, D) and lse (rows) point at
 // the task's rows of the outputs.
-template <typename scalar_t, typename acc_t>
+// kDot: bfloat16 inputs through bf16 dot products (bf16_dot.h): the same pipeline, with the two
+// products on pairs of words, q unscaled (the scale is applied to the float32 scores) and every
+// block's key range widened to whole key pairs (the widening keys are masked like hidden ones).
+template <typename scalar_t, typename acc_t, bool kDot>
 void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t rows,
                   ForwardScratch<acc_t>& s, scalar_t* out, float* lse) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t L = Vec::size(), W = ForwardScratch<acc_t>::W;
-  const int64_t D = pb.D, Tk = pb.Tk, b = bh / pb.H, blocks = (rows + W - 1) / W;
+  const int64_t D = pb.D, Tk = pb.Tk, b = bh / pb.H, blocks = (rows + W - 1) / W, Dh = s.Dh;
   const scalar_t* q = pb.q + (bh * pb.Tq + q0) * D;
   const scalar_t* k = pb.k + pb.kv_head(bh) * Tk * D;  // the kv head the query head reads
   const scalar_t* v = pb.v + pb.kv_head(bh) * Tk * D;
@@ -130,22 +153,42 @@ void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t r
 
   // Query q0 + i is lane i % W of block i / W; lanes past `rows` stay 0 (and unused).
   const acc_t q_scale = static_cast<acc_t>(pb.scale * kLog2e);  // base-2 scores
-  std::fill(s.qT.begin(), s.qT.end(), acc_t(0));
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t d = 0; d < D; ++d)
-      s.qT[((i / W) * D + d) * W + i % W] = static_cast<acc_t>(q[i * D + d]) * q_scale;
+  if constexpr (kDot) {
+    std::fill(s.q_words.begin(), s.q_words.end(), 0u);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t t = 0; t < Dh; ++t) s.q_words[((i / W) * Dh + t) * W + i % W] = dim_pair(q + i * D, t, D);
+  } else {
+    std::fill(s.qT.begin(), s.qT.end(), acc_t(0));
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t d = 0; d < D; ++d)
+        s.qT[((i / W) * D + d) * W + i % W] = static_cast<acc_t>(q[i * D + d]) * q_scale;
+  }
   std::fill(s.oT.begin(), s.oT.end(), acc_t(0));
   std::fill(s.m.begin(), s.m.end(), -kInf<acc_t>);
   std::fill(s.l.begin(), s.l.end(), acc_t(0));
 
-  acc_t* sT = s.sT.data();  // (keys, W): base-2 scores, then probabilities
   // Only the keys some query of the task sees are walked: with a window, O(rows + window).
   const int64_t key_end = pb.key_end(q0, rows);
+  constexpr int64_t kVPairs = ForwardScratch<acc_t>::kVPairs;
   for (int64_t k0 = pb.key_begin(q0); k0 < key_end; k0 += kFwdKeys) {
     const int64_t tile_keys = std::min(kFwdKeys, key_end - k0);
-    // k_tile, v_tile (tile_keys, D)
-    const acc_t* k_tile = rows_as<acc_t>(k + k0 * D, tile_keys, D, D, s.k_tile.data());
-    const acc_t* v_tile = rows_as<acc_t>(v + k0 * D, tile_keys, D, D, s.v_tile.data());
+    // k_tile, v_tile (tile_keys, D); or k_words (tile_keys + pad, Dh), v_words (D, kVPairs).
+    const acc_t* k_tile = nullptr;
+    const acc_t* v_tile = nullptr;
+    if constexpr (kDot) {
+      std::fill(s.k_words.begin() + tile_keys * Dh, s.k_words.end(), 0u);
+      for (int64_t j = 0; j < tile_keys; ++j)
+        for (int64_t t = 0; t < Dh; ++t) s.k_words[j * Dh + t] = dim_pair(k + (k0 + j) * D, t, D);
+      for (int64_t u = 0; u < (tile_keys + 1) / 2; ++u) {
+        const scalar_t* even = v + (k0 + 2 * u) * D;
+        const bool has_odd = 2 * u + 1 < tile_keys;
+        for (int64_t d = 0; d < D; ++d)
+          s.v_words[d * kVPairs + u] = bf16_word(even[d], has_odd ? even[D + d] : scalar_t(0.f));
+      }
+    } else {
+      k_tile = rows_as<acc_t>(k + k0 * D, tile_keys, D, D, s.k_tile.data());
+      v_tile = rows_as<acc_t>(v + k0 * D, tile_keys, D, D, s.v_tile.data());
+    }
 
     for (int64_t block = 0; block < blocks; ++block) {
       const int64_t first = q0 + block * W;  // the block's first query
@@ -155,15 +198,22 @@ void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t r
       const int64_t kb = std::max(k0, pb.key_begin(first));
       const int64_t keys = std::min(k0 + tile_keys, pb.key_end(first, block_rows)) - kb;
       if (keys <= 0) continue;
-      const acc_t* k_block = k_tile + (kb - k0) * D;  // (keys, D)
-      const acc_t* v_block = v_tile + (kb - k0) * D;
-      acc_t* qT = s.qT.data() + block * D * W;  // (D, W)
+      // The score tile holds the keys [kb - lead, kb - lead + span): with bf16 dot products
+      // the whole key pairs around [kb, kb + keys), else exactly those keys.
+      const int64_t lead = kDot ? (kb - k0) % 2 : 0;
+      const int64_t span = kDot ? round_up(lead + keys, 2) : keys;
       acc_t* oT = s.oT.data() + block * D * W;  // (D, W)
       acc_t* m = s.m.data() + block * W;
       acc_t* l = s.l.data() + block * W;
+      acc_t* tile = s.sT.data();       // (span, W): base-2 scores, then probabilities
+      acc_t* sT = tile + lead * W;     // (keys, W): the rows of keys kb .. kb + keys
 
-      // sT (keys, W) = k_block · qT
-      gemm<acc_t, false>(keys, W, D, k_block, D, 1, qT, W, sT, W);
+      // tile (span, W) = k · qT, scaled to base 2
+      if constexpr (kDot)
+        dot_pairs<false>(span, Dh, s.k_words.data() + (kb - lead - k0) * Dh, Dh, s.q_words.data() + block * Dh * W,
+                         W, tile, W, q_scale);
+      else
+        gemm<acc_t, false>(keys, W, D, k_tile + (kb - k0) * D, D, 1, s.qT.data() + block * D * W, W, sT, W);
 
       // Softcap on the base-2 scores: with c2 = c · log2 e, c · tanh(s / c) · log2 e equals
       // c2 · tanh(s2 / c2) for s2 = s · log2 e. Before the masks, which then stay -inf.
@@ -173,6 +223,9 @@ void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t r
         for (int64_t e = 0; e < keys * W; e += L)
           (c2 * (Vec::loadu(sT + e) * inv_c2).tanh()).store(sT + e);
       }
+      // The widening keys of a pair are seen by no query of the block.
+      std::fill(tile, sT, -kInf<acc_t>);
+      std::fill(sT + keys * W, tile + span * W, -kInf<acc_t>);
 
       // Masks, applied after scaling (a negative scale must not turn -inf into +inf).
       if (keep_key != nullptr)
@@ -194,8 +247,8 @@ void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t r
       // Online softmax, L queries at a time (see the header for the invariant).
       for (int64_t c = 0; c < W; c += L) {
         Vec tile_max(-kInf<acc_t>);
-        for (int64_t j = 0; j < keys; ++j)
-          tile_max = at::vec::maximum(tile_max, Vec::loadu(sT + j * W + c));
+        for (int64_t j = 0; j < span; ++j)
+          tile_max = at::vec::maximum(tile_max, Vec::loadu(tile + j * W + c));
         const Vec m_old = Vec::loadu(m + c);
         const Vec m_new = at::vec::maximum(m_old, tile_max);
         // A query with no visible key so far keeps m = -inf; subtracting 0 instead keeps its
@@ -203,9 +256,9 @@ void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t r
         const Vec m_ref = Vec::blendv(m_new, Vec(acc_t(0)), m_new == Vec(-kInf<acc_t>));
         const Vec alpha = exp2_vec(m_old - m_ref);
         Vec row_sum(acc_t(0));
-        for (int64_t j = 0; j < keys; ++j) {
-          const Vec p = exp2_vec(Vec::loadu(sT + j * W + c) - m_ref);
-          p.store(sT + j * W + c);
+        for (int64_t j = 0; j < span; ++j) {
+          const Vec p = exp2_vec(Vec::loadu(tile + j * W + c) - m_ref);
+          p.store(tile + j * W + c);
           row_sum = row_sum + p;
         }
         at::vec::fmadd(Vec::loadu(l + c), alpha, row_sum).store(l + c);
@@ -223,8 +276,14 @@ void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t r
             (Vec::loadu(sT + j * W + c) * Vec::loadu(s.z.data() + c)).store(sT + j * W + c);
         }
 
-      // oT (D, W) += v_blockᵀ · sT: row d of the product broadcasts v_block[j, d].
-      gemm<acc_t, true>(D, W, keys, v_block, 1, D, sT, W, oT, W);
+      // oT (D, W) += vᵀ · P: row d of the product broadcasts v[j, d] (a pair of keys with kDot).
+      if constexpr (kDot) {
+        pack_row_pairs(tile, span, s.p_words.data());
+        dot_pairs<true>(D, span / 2, s.v_words.data() + (kb - lead - k0) / 2, kVPairs, s.p_words.data(), W, oT, W,
+                        1.f);
+      } else {
+        gemm<acc_t, true>(D, W, keys, v_tile + (kb - k0) * D, 1, D, sT, W, oT, W);
+      }
     }
   }
 
@@ -238,16 +297,16 @@ void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t r
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kDot>
 void forward(const Problem<scalar_t>& pb, scalar_t* out, float* lse) {
   const int64_t BH = pb.B * pb.H, query_tiles = (pb.Tq + kFwdQueries - 1) / kFwdQueries;
   // Task t: head t % BH, query tile (last first: under a causal mask later tiles see more keys).
   run_tasks<ForwardScratch<acc_t>>(
-      BH * query_tiles, [&] { return ForwardScratch<acc_t>(pb.D); },
+      BH * query_tiles, [&] { return ForwardScratch<acc_t>(pb.D, kDot); },
       [&](int64_t task, ForwardScratch<acc_t>& scratch) {
         const int64_t bh = task % BH, q0 = (query_tiles - 1 - task / BH) * kFwdQueries;
         const int64_t rows = std::min(kFwdQueries, pb.Tq - q0);
-        forward_tile(pb, bh, q0, rows, scratch, out + (bh * pb.Tq + q0) * pb.D,
+        forward_tile<scalar_t, acc_t, kDot>(pb, bh, q0, rows, scratch, out + (bh * pb.Tq + q0) * pb.D,
                      lse + bh * pb.Tq + q0);
       });
 }
@@ -490,8 +549,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_fwd_cpu", [&] {
     const auto pb = make_problem<scalar_t>(q, k, v, mask, causal, scale, dropout_p, seed, window, softcap);
-    forward<scalar_t, acc_type<scalar_t>>(pb, out.mutable_data_ptr<scalar_t>(),
-                                          lse.mutable_data_ptr<float>());
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16> && kBf16DotBuilt) {
+      if (has_bf16_dot()) {
+        static_assert(ForwardScratch<float>::W == kDotLanes, "a query block is one bf16 dot block");
+        forward<scalar_t, float, true>(pb, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>());
+        return;
+      }
+    }
+    forward<scalar_t, acc_type<scalar_t>, false>(pb, out.mutable_data_ptr<scalar_t>(),
+                                                 lse.mutable_data_ptr<float>());
   });
   return {out, lse};
 }
