@@ -63,6 +63,23 @@ def assert_close(got: torch.Tensor, oracle: torch.Tensor, same_dtype_result: tor
     assert err <= tol, f"{what}: max abs err {err:.3e} > tol {tol:.3e} ({got.dtype})"
 
 
+# The layouts autograd hands a norm's backward as grad_y (N, C): y.sum().backward() gives an
+# expanded scalar (strides 0, 0), a broadcast row gives strides (0, 1); slices and transposes the rest.
+GRAD_LAYOUTS = ("expanded_scalar", "expanded_row", "row_stride", "column_major")
+
+
+def grad_in_layout(grad: torch.Tensor, layout: str) -> torch.Tensor:
+    """grad (N, C) rebuilt in `layout` (values change for the expanded ones: a scalar or a row)."""
+    N, C = grad.shape
+    if layout == "expanded_scalar":
+        return grad[0, 0].expand(N, C)
+    if layout == "expanded_row":
+        return grad[0].expand(N, C)
+    if layout == "row_stride":
+        return torch.cat([grad, grad], dim=1)[:, :C]
+    return grad.t().contiguous().t()
+
+
 def float64_copy(module: nn.Module) -> nn.Module:
     """A float64 copy of a module: the oracle for its drop-in replacement."""
     return copy.deepcopy(module).double()

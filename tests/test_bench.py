@@ -146,6 +146,28 @@ def test_attention_end_to_end_through_the_cli(tmp_path, capsys, name):
     assert env["command"] in markdown and "![time and memory vs T](cpu_attention.png)" in markdown
     assert "| T " in markdown and "GFLOP/s" in markdown and "fitted log-log slopes" in markdown
     assert (tmp_path / "cpu_attention.png").read_bytes()[:8] == PNG_MAGIC
+    # The CPU level and the FMA peak measured in the run, with each row's share of it.
+    assert env["cpu_level"] == fastgpt._extension.CPU_CAPABILITY and f"at the {env['cpu_level']} level" in markdown
+    peak = data["settings"]["fma_peak_flops"]
+    assert peak > 0 and "% of fp32 FMA peak" in markdown
+    cpu_row = rows_of(data, backend="cpu", mode="fwd", T=256)[0]
+    assert f"| {100 * cpu_row['flop_per_s'] / peak:.0f}% " in markdown
+
+
+def test_fma_probe_counts_its_flops():
+    """The FMA loop's accumulators follow acc = acc * a + b for every iteration asked (nothing is
+    skipped), one row per torch thread, 16 chains of whole vectors."""
+    out = torch.ops.fastgpt_bench.fma_loop(torch.empty(0), 3)
+    assert out.shape[0] == torch.get_num_threads() and out.shape[1] % 16 == 0
+    a, b = torch.tensor(0.999999, dtype=torch.float32), torch.tensor(1e-7, dtype=torch.float32)
+    start = torch.arange(16, dtype=torch.float32) * 1e-3
+    want = start
+    for _ in range(3):
+        want = want * a + b
+    lanes = out.shape[1] // 16
+    assert torch.allclose(out[0].view(16, lanes), want[:, None].expand(16, lanes), rtol=1e-6, atol=0)
+    peak = common.cpu_fma_peak_flops()
+    assert 1e8 < peak < 1e14  # FLOP/s: a working machine, and not a loop the compiler removed
 
 
 def test_out_of_memory_and_errors_become_rows_and_the_sweep_goes_on(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 import fastgpt
 from fastgpt import reference
-from checks import assert_close
+from checks import GRAD_LAYOUTS, assert_close, grad_in_layout
 from conftest import skip_unsupported_dtype
 
 EPS = 1e-5
@@ -83,6 +83,17 @@ def test_non_contiguous_input(kernel):
     check_against_oracle(backend, x, weight, bias[:96], grad_y)
     x3, weight3, bias3, grad_y3 = make_inputs((9, 4, 80), torch.float32, device, seed=1)
     check_against_oracle(backend, x3.transpose(0, 1), weight3, bias3, grad_y3.transpose(0, 1))
+
+
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_upstream_gradient_layouts(kernel, dtype, layout):
+    """grad_y as autograd hands it over: an expanded scalar (y.sum().backward()), an expanded
+    row, a row stride past C, column-major; read in place where the kernel can."""
+    backend, device = kernel
+    skip_unsupported_dtype(backend, device, dtype)
+    x, weight, bias, grad_y = make_inputs((257, 771), dtype, device)
+    check_against_oracle(backend, x, weight, bias, grad_in_layout(grad_y, layout))
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)

@@ -15,7 +15,7 @@ import torch
 
 import fastgpt
 from fastgpt import backends, reference
-from checks import assert_close
+from checks import GRAD_LAYOUTS, assert_close, grad_in_layout
 from conftest import require_backend, skip_unsupported_dtype
 
 EPS = 1e-6
@@ -127,6 +127,20 @@ def test_three_dim_input(kernel):
     x, residual, weight, grad_y, grad_sum = make_inputs((3, 5, 64), torch.float32, device, seed=2)
     check_rms_norm(backend, x, weight, grad_y, 0.0)
     check_add_rms_norm(backend, x, residual, weight, grad_y, grad_sum, 1.0)
+
+
+@pytest.mark.parametrize("layout", GRAD_LAYOUTS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_upstream_gradient_layouts(kernel, dtype, layout):
+    """grad_y (and add_rms_norm's grad of the sum) as autograd hands them over: an expanded
+    scalar (y.sum().backward()), an expanded row, a row stride past C, column-major."""
+    backend, device = kernel
+    skip_unsupported_dtype(backend, device, dtype)
+    x, residual, weight, grad_y, grad_sum = make_inputs((257, 771), dtype, device)
+    check_rms_norm(backend, x, weight, grad_in_layout(grad_y, layout), 1.0)
+    check_rms_norm(backend, x, None, grad_in_layout(grad_y, layout), 0.0)
+    check_add_rms_norm(backend, x, residual, weight, grad_in_layout(grad_y, layout),
+                       grad_in_layout(grad_sum, layout), 0.0)
 
 
 def test_non_contiguous_input(kernel):

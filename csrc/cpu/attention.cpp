@@ -145,6 +145,7 @@ void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t r
                   ForwardScratch<acc_t>& s, scalar_t* out, float* lse) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t L = Vec::size(), W = ForwardScratch<acc_t>::W;
+  static_assert(!kDot || W == kDotLanes, "a query block is one bf16 dot block");
   const int64_t D = pb.D, Tk = pb.Tk, b = bh / pb.H, blocks = (rows + W - 1) / W, Dh = s.Dh;
   const scalar_t* q = pb.q + (bh * pb.Tq + q0) * D;
   const scalar_t* k = pb.k + pb.kv_head(bh) * Tk * D;  // the kv head the query head reads
@@ -551,7 +552,6 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const auto pb = make_problem<scalar_t>(q, k, v, mask, causal, scale, dropout_p, seed, window, softcap);
     if constexpr (std::is_same_v<scalar_t, at::BFloat16> && kBf16DotBuilt) {
       if (has_bf16_dot()) {
-        static_assert(ForwardScratch<float>::W == kDotLanes, "a query block is one bf16 dot block");
         forward<scalar_t, float, true>(pb, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>());
         return;
       }

@@ -99,8 +99,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   return {y, mean, rstd};
 }
 
+// grad_y row r at grad_y + r * dy_stride (norm_rows.h: grad_rows); the other matrices contiguous.
 template <typename scalar_t>
-void layer_norm_bwd_rows(const scalar_t* grad_y, const scalar_t* x, const scalar_t* weight,
+void layer_norm_bwd_rows(const scalar_t* grad_y, int64_t dy_stride, const scalar_t* x, const scalar_t* weight,
                          const acc_t<scalar_t>* mean, const acc_t<scalar_t>* rstd, scalar_t* grad_x,
                          scalar_t* grad_weight, scalar_t* grad_bias, int64_t N, int64_t C) {
   using acc = acc_t<scalar_t>;
@@ -110,7 +111,7 @@ void layer_norm_bwd_rows(const scalar_t* grad_y, const scalar_t* x, const scalar
     acc* dw_part = partial;      // (C,)
     acc* db_part = partial + C;  // (C,)
     const scalar_t* x_row = x + row * C;        // (C,)
-    const scalar_t* dy_row = grad_y + row * C;  // (C,)
+    const scalar_t* dy_row = grad_y + row * dy_stride;  // (C,)
     scalar_t* dx_row = grad_x + row * C;        // (C,)
     const Vec mean_vec(mean[row]);
     // v[0] = Σg, v[1] = Σg·d, v[2] = Σd with g = dy·w, d = x - mean_saved (zero past the row's end).
@@ -143,14 +144,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   check_layer_norm_inputs("fastgpt::layer_norm_bwd", x, {{"weight", &weight}});
   check_layer_norm_bwd_inputs("fastgpt::layer_norm_bwd", grad_y, x, mean, rstd);
   const int64_t N = x.size(0), C = x.size(1);
-  const at::Tensor dy = grad_y.contiguous(), x_rows = x.contiguous(), w = weight.contiguous();
+  const GradRows dy = grad_rows(grad_y);
+  const at::Tensor x_rows = x.contiguous(), w = weight.contiguous();
   const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
   at::Tensor grad_x = at::empty_like(x_rows);  // (N, C)
   at::Tensor grad_weight = at::empty_like(w);  // (C,)
   at::Tensor grad_bias = at::empty_like(w);    // (C,)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastgpt::layer_norm_bwd", [&] {
     using acc = acc_t<scalar_t>;
-    layer_norm_bwd_rows<scalar_t>(dy.const_data_ptr<scalar_t>(), x_rows.const_data_ptr<scalar_t>(),
+    layer_norm_bwd_rows<scalar_t>(dy.rows.const_data_ptr<scalar_t>(), dy.row_stride, x_rows.const_data_ptr<scalar_t>(),
                                   w.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<acc>(),
                                   rstd_c.const_data_ptr<acc>(), grad_x.mutable_data_ptr<scalar_t>(),
                                   grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>(),

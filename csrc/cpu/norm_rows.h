@@ -111,6 +111,21 @@ struct Sums {
   }
 };
 
+// An upstream gradient (N, C) as rows a backward kernel reads in place: `rows` with row r at
+// rows.data + r * row_stride, C contiguous elements each. Any row stride is read as it is, 0
+// included: y.sum().backward() hands the backward an expanded scalar (strides 0, 0), which is
+// read as one materialised row instead of an (N, C) copy of ones. Other layouts are copied.
+struct GradRows {
+  at::Tensor rows;
+  int64_t row_stride;
+};
+
+inline GradRows grad_rows(const at::Tensor& grad) {
+  if (grad.stride(1) == 1 || grad.size(1) == 1) return {grad, grad.stride(0)};
+  if (grad.stride(0) == 0) return {grad.select(0, 0).contiguous(), 0};
+  return {grad.contiguous(), grad.size(1)};
+}
+
 // row_fn(row) for the N rows of C columns, split across threads (about GRAIN_SIZE elements per task).
 template <typename F>
 inline void parallel_rows(int64_t N, int64_t C, const F& row_fn) {

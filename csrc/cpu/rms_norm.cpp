@@ -86,7 +86,7 @@ void rms_norm_fwd_rows(const scalar_t* x, const scalar_t* residual, const scalar
 
 // grad_y, x, grad_x (N, C) contiguous; weight (C,) or nullptr (s = 1, no grad_weight); rstd (N,).
 template <typename scalar_t>
-void rms_norm_bwd_rows(const scalar_t* grad_y, const scalar_t* x, const scalar_t* weight,
+void rms_norm_bwd_rows(const scalar_t* grad_y, int64_t dy_stride, const scalar_t* x, const scalar_t* weight,
                        const acc_t<scalar_t>* rstd, scalar_t* grad_x, scalar_t* grad_weight, int64_t N, int64_t C,
                        acc_t<scalar_t> offset) {
   using acc = acc_t<scalar_t>;
@@ -97,7 +97,7 @@ void rms_norm_bwd_rows(const scalar_t* grad_y, const scalar_t* x, const scalar_t
   };
   const auto row_fn = [&](int64_t row, acc* dw_part) {  // dw_part (C,), nullptr without weight
     const scalar_t* x_row = x + row * C;        // (C,)
-    const scalar_t* dy_row = grad_y + row * C;  // (C,)
+    const scalar_t* dy_row = grad_y + row * dy_stride;  // (C,)
     scalar_t* dx_row = grad_x + row * C;        // (C,)
     const acc sum_gx = horizontal_sum(sum_blocks<Vec>(C, Vec(0), [&](int64_t j, int64_t n) {
       return scaled(load(dy_row + j, n), j, n) * load(x_row + j, n);
@@ -164,13 +164,14 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& grad_y, co
   check_rms_norm_inputs("fastgpt::rms_norm_bwd", x, weight, offset);
   check_norm_bwd_inputs("fastgpt::rms_norm_bwd", grad_y, x, {{"rstd", &rstd}});
   const int64_t N = x.size(0), C = x.size(1);
-  const at::Tensor dy = grad_y.contiguous(), x_rows = x.contiguous(), rstd_c = rstd.contiguous();
+  const GradRows dy = grad_rows(grad_y);
+  const at::Tensor x_rows = x.contiguous(), rstd_c = rstd.contiguous();
   const std::optional<at::Tensor> w = weight.has_value() ? std::optional(weight->contiguous()) : std::nullopt;
   at::Tensor grad_x = at::empty_like(x_rows);                           // (N, C)
   at::Tensor grad_weight = at::empty({w ? C : 0}, x_rows.options());  // (C,) or (0,)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastgpt::rms_norm_bwd", [&] {
     using acc = acc_t<scalar_t>;
-    rms_norm_bwd_rows<scalar_t>(dy.const_data_ptr<scalar_t>(), x_rows.const_data_ptr<scalar_t>(),
+    rms_norm_bwd_rows<scalar_t>(dy.rows.const_data_ptr<scalar_t>(), dy.row_stride, x_rows.const_data_ptr<scalar_t>(),
                                 w ? w->const_data_ptr<scalar_t>() : nullptr, rstd_c.const_data_ptr<acc>(),
                                 grad_x.mutable_data_ptr<scalar_t>(),
                                 w ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr, N, C, static_cast<acc>(offset));

@@ -362,9 +362,11 @@ def _ratio(speedup: float | None) -> str:
     return "—" if speedup is None else f"{speedup:.2f}x"
 
 
-def tables(rows: list[dict], settings: Settings) -> str:
+def tables(rows: list[dict], settings: Settings, peak_flops: float | None = None) -> str:
+    """One table per mode; with the measured FMA peak (CPU), a column of each row's share of it."""
     unit, scale = _flops_unit(settings.device)
     ratios = [name for name in RATIOS if any(f"speedup_vs_{name}" in r for r in rows)]
+    peak_header = ["% of fp32 FMA peak"] if peak_flops else []
     parts = []
     for mode in settings.modes:
         body = []
@@ -374,10 +376,12 @@ def tables(rows: list[dict], settings: Settings) -> str:
                          common.fmt(row["time_ms"]) if ok else "—",
                          common.fmt(row["memory_mb"]) if ok else "—",
                          common.fmt(row["flop_per_s"] / scale) if ok else "—",
+                         *([f"{100 * row['flop_per_s'] / peak_flops:.0f}%" if ok else "—"] if peak_flops else []),
                          *(_ratio(row.get(f"speedup_vs_{name}")) for name in ratios),
                          row["status"] if ok else f"{row['status']}: {row['note']}"])
         parts.append(f"### {MODES[mode]} ({mode})\n\n" + common.markdown_table(
-            ["T", "backend", "time ms", "memory MB", unit, *(f"vs {name}" for name in ratios), "status"], body))
+            ["T", "backend", "time ms", "memory MB", unit, *peak_header, *(f"vs {name}" for name in ratios),
+             "status"], body))
     return "\n\n".join(parts)
 
 
@@ -413,6 +417,8 @@ def markdown(data: dict, settings: Settings, png_name: str) -> str:
              f"- time: {data['settings']['timer']}",
              f"- memory: peak extra memory of one call, outputs included: {data['settings']['memory_measure']}",
              f"- FLOPs: {data['settings']['flops']}",
+             *([f"- peak: {common.fmt(data['settings']['fma_peak_flops'] / 1e9)} GFLOP/s, the "
+                f"{common.FMA_PEAK_MEASURE}"] if data["settings"].get("fma_peak_flops") else []),
              "- vs X: speedup = time of X / time of this row, both measured in this run; X is "
              + "; ".join(f"{name}: {RATIO_MEANINGS[name]}" for name in ratios),
              f"- slopes: least-squares log-log slope over the {SLOPE_POINTS} largest T measured "
@@ -421,7 +427,8 @@ def markdown(data: dict, settings: Settings, png_name: str) -> str:
         lines[-1:-1] = ["- flex runs only with a window" + (", forward only (torch has no CPU backward for "
                         "FlexAttention)" if settings.device.type == "cpu" else "")]
     lines += common.not_measured_lines(data["unavailable"])
-    lines += [f"![time and memory vs T]({png_name})", "", tables(data["results"], settings), "",
+    lines += [f"![time and memory vs T]({png_name})", "",
+              tables(data["results"], settings, data["settings"].get("fma_peak_flops")), "",
               "### fitted log-log slopes", "", slopes_table(data["slopes"])]
     return "\n".join(lines)
 
@@ -604,6 +611,7 @@ def run(argv: Sequence[str] | None = None, impls: dict[str, AttentionFn] | None 
         raise SystemExit("error: no backend to measure: " + "; ".join(f"{k}: {v}" for k, v in unavailable.items()))
     env = common.environment(device, argv, PROG)
     stem = (args.stem or env["device_kind"]) + "_attention" + ("" if args.scenario == "context" else f"_{args.scenario}")
+    peak_flops = common.cpu_fma_peak_flops() if device.type == "cpu" else None
     rows = run_sweep(settings, impls, show_progress)
     slopes = fitted_slopes(rows)
     unit, _ = _flops_unit(device)
@@ -619,7 +627,7 @@ def run(argv: Sequence[str] | None = None, impls: dict[str, AttentionFn] | None 
                      "timer": common.timer_description(device), "memory_measure": common.MEMORY_MEASURE[device.type],
                      "flops": ("4·B·Hq·D per visible (query, key) pair: T²/2 causal, T·W - W²/2 causal with a "
                                "window W < T (visible_pairs); fwd+bwd = 3.5x fwd (backward 2.5x)"),
-                     "flops_unit_in_tables": unit},
+                     "flops_unit_in_tables": unit, "fma_peak_flops": peak_flops},
         "unavailable": unavailable,
         "results": rows,
         "slopes": slopes,
@@ -629,7 +637,7 @@ def run(argv: Sequence[str] | None = None, impls: dict[str, AttentionFn] | None 
     plot(rows, settings, slopes, f"{SCENARIOS[settings.scenario].title}, {_shape(settings)}: {env['device_name']}",
          paths["png"])
     data["files"] = paths
-    common.print_report(tables(rows, settings) + "\n\n" + slopes_table(slopes), unavailable, paths)
+    common.print_report(tables(rows, settings, peak_flops) + "\n\n" + slopes_table(slopes), unavailable, paths)
     return data
 
 

@@ -107,6 +107,39 @@ def device_kind(device: torch.device) -> str:
     return kind
 
 
+def cpu_level() -> str | None:
+    """The vector ISA level of the loaded CPU kernels (default, avx2, avx512), or None."""
+    from fastgpt import _extension
+    return _extension.CPU_CAPABILITY
+
+
+FMA_PEAK_MEASURE = ("float32 FMA peak: a loop of 16 independent Vectorized<float> FMA chains per torch "
+                    "thread at the CPU kernels' level (csrc/cpu/fma_probe.cpp), median of 5 runs of "
+                    "about 0.1 s, in this run")
+
+
+def cpu_fma_peak_flops() -> float | None:
+    """The float32 FLOP/s of an FMA loop on every torch thread (csrc/cpu/fma_probe.cpp), or None
+    when the CPU kernels are not loaded."""
+    if not hasattr(torch.ops, "fastgpt_bench") or not hasattr(torch.ops.fastgpt_bench, "fma_loop"):
+        return None
+    like = torch.empty(0)
+    accumulators = torch.ops.fastgpt_bench.fma_loop(like, 1).shape[1]  # (threads, chains * lanes)
+    iterations = 1 << 16
+    while True:  # about 0.1 s per run
+        start = time.perf_counter()
+        out = torch.ops.fastgpt_bench.fma_loop(like, iterations)
+        if time.perf_counter() - start > 0.05:
+            break
+        iterations *= 2
+    runs = []
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.ops.fastgpt_bench.fma_loop(like, iterations)
+        runs.append(time.perf_counter() - start)
+    return out.shape[0] * iterations * accumulators * 2 / statistics.median(runs)
+
+
 def git_commit() -> str | None:
     """The commit of the fastgpt checkout being measured (None outside a git checkout)."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -136,6 +169,7 @@ def environment(device: torch.device, argv: Sequence[str], prog: str) -> dict:
         "cuda": torch.version.cuda if gpu else None,
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
+        "cpu_level": cpu_level(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "triton": triton_version,
@@ -152,7 +186,8 @@ def environment_lines(env: dict) -> list[str]:
     versions = f"torch {env['torch']}" + (f", CUDA {env['cuda']}" if env["cuda"] else "")
     versions += f", triton {env['triton']}" if env["triton"] else ", no triton"
     hardware = (f"{env['gpu']} (host CPU: {env['cpu_model']}, {env['cpu_cores']} cores)" if env["gpu"]
-                else f"{env['cpu_model']}, {env['cpu_cores']} cores, {env['torch_threads']} torch threads")
+                else f"{env['cpu_model']}, {env['cpu_cores']} cores, {env['torch_threads']} torch threads, "
+                     f"CPU kernels at the {env.get('cpu_level') or 'no'} level")
     return [f"- command: `{env['command']}`",
             f"- device: {hardware}",
             f"- versions: {versions}, Python {env['python']}, fastgpt {env['fastgpt']}",
