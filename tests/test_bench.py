@@ -248,6 +248,26 @@ def test_gqa_scenario_measures_each_backend_grouped_and_as_mha(tmp_path):
     assert (tmp_path / "cpu_attention_gqa.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def test_bf16_scenario_measures_each_backend_in_bfloat16_and_float32(tmp_path):
+    data = attention.run(["--scenario", "bf16", "--device", "cpu", "--heads", "2", "-D", "16", "--min-t", "64",
+                          "--max-t", "128", "--repeats", "1", "--budget-s", "0", "--backends", "sdpa,cpu",
+                          "--out-dir", str(tmp_path)], show_progress=False)
+    assert data["settings"]["dtype"] == "bfloat16"
+    assert {r["series"] for r in data["results"]} == {"sdpa", "sdpa fp32", "cpu", "cpu fp32"}
+    for row in rows_of(data, series="cpu"):
+        assert row["status"] == "ok" and row["dtype"] == "bfloat16"
+        fp32 = rows_of(data, series="cpu fp32", mode=row["mode"], T=row["T"])[0]
+        sdpa = rows_of(data, series="sdpa", mode=row["mode"], T=row["T"])[0]
+        sdpa_fp32 = rows_of(data, series="sdpa fp32", mode=row["mode"], T=row["T"])[0]
+        assert fp32["dtype"] == "float32" and "speedup_vs_fp32" not in fp32
+        assert row["speedup_vs_fp32"] == pytest.approx(fp32["time_ms"] / row["time_ms"])
+        # sdpa in the row's own dtype is the baseline of each row
+        assert row["speedup_vs_sdpa"] == pytest.approx(sdpa["time_ms"] / row["time_ms"])
+        assert fp32["speedup_vs_sdpa"] == pytest.approx(sdpa_fp32["time_ms"] / fp32["time_ms"])
+    markdown = (tmp_path / "cpu_attention_bf16.md").read_text()
+    assert "bfloat16" in markdown and "vs fp32" in markdown
+
+
 def test_window_scenario_series_ratios_and_flex_rows(tmp_path):
     def flex_stand_in(q, k, v, causal, window):  # torch.compile would take a minute per shape
         return fastgpt.attention(q, k, v, causal=causal, window=window, backend="sdpa")

@@ -15,7 +15,9 @@ FLOP/s and the speed ratios against the baselines measured in the same run. Scen
   (Hkv = Hq, the same query heads): ratios vs sdpa (enable_gqa) and vs MHA;
 - window: sliding windows W (256, 1024) next to full causal attention of the same backend,
   and compiled FlexAttention with a sliding-window block mask: ratios vs full causal,
-  vs sdpa (a boolean (T, T) window mask) and vs flex.
+  vs sdpa (a boolean (T, T) window mask) and vs flex;
+- bf16: the context heads in bfloat16, each backend again in float32 (its "fp32" twin): ratios
+  vs sdpa in the same dtype and vs the same backend in float32 (what bf16 dot products buy).
 Writes <out-dir>/<stem>_attention[_<scenario>].json, .md and .png (stem: the device kind,
 e.g. cpu, h100; the context scenario has no suffix).
 
@@ -74,6 +76,8 @@ class Scenario:
     windows: tuple[int, ...] = ()  # sliding windows measured next to full causal attention
     with_naive: bool = True   # the book's attention (off where its (T, T) matrices only repeat the context story)
     with_flex: bool = False   # compiled FlexAttention for each window
+    dtype: str | None = None  # the series' dtype (default: --dtype, else bfloat16 on a GPU / float32 on the CPU)
+    float32_twins: bool = False  # each backend again in float32
     title: str = "Causal attention vs context length"
 
 
@@ -84,6 +88,9 @@ SCENARIOS = {
     "window": Scenario(8, None, 128, 1024, {"cpu": 16384, "cuda": 131072}, {"cpu": 1200.0, "cuda": 600.0},
                        windows=(256, 1024), with_naive=False, with_flex=True,
                        title="Sliding-window attention vs context length"),
+    "bf16": Scenario(12, None, 64, 1024, {"cpu": 8192, "cuda": 131072}, {"cpu": 600.0, "cuda": 600.0},
+                     with_naive=False, dtype="bfloat16", float32_twins=True,
+                     title="bfloat16 causal attention vs context length"),
 }
 
 
@@ -170,6 +177,7 @@ class Series:
     backend: str
     window: int | None = None
     kv_heads: int | None = None  # None: the settings' kv_heads
+    dtype: torch.dtype | None = None  # None: the settings' dtype
     label: str = ""  # how tables, plots and slopes name it; the backend when there is one series per backend
     last_point: tuple[int, float] | None = None  # (T, median seconds) of the last measured point
     stopped: tuple[str, str] | None = None  # (status, note) once a T failed: larger T are not run
@@ -177,20 +185,22 @@ class Series:
 
 
 def make_series(settings: Settings, backends: Sequence[str]) -> list[Series]:
-    """Every (mode, backend) series, times the windows and the MHA twin of a GQA sweep.
-    flex runs only with a window (its block mask is the point) and only forward on the CPU
-    (torch has no CPU backward for FlexAttention)."""
-    variants: list[tuple[int | None, int, str]] = [(None, settings.kv_heads, "")]
+    """Every (mode, backend) series, times the windows, the MHA twin of a GQA sweep and the
+    float32 twin of a bfloat16 one. flex runs only with a window (its block mask is the point)
+    and only forward on the CPU (torch has no CPU backward for FlexAttention)."""
+    variants: list[tuple[int | None, int, torch.dtype, str]] = [(None, settings.kv_heads, settings.dtype, "")]
     if settings.kv_heads != settings.H:
-        variants.append((None, settings.H, " MHA"))
-    variants += [(w, settings.kv_heads, f" W={w}") for w in settings.windows]
+        variants.append((None, settings.H, settings.dtype, " MHA"))
+    if SCENARIOS[settings.scenario].float32_twins and settings.dtype != torch.float32:
+        variants.append((None, settings.kv_heads, torch.float32, " fp32"))
+    variants += [(w, settings.kv_heads, settings.dtype, f" W={w}") for w in settings.windows]
     series = []
     for mode in settings.modes:
         for backend in backends:
-            for window, kv_heads, suffix in variants:
+            for window, kv_heads, dtype, suffix in variants:
                 if backend == FLEX and (window is None or (mode != "fwd" and settings.device.type == "cpu")):
                     continue
-                series.append(Series(mode, backend, window, kv_heads, backend + suffix))
+                series.append(Series(mode, backend, window, kv_heads, dtype, backend + suffix))
     return series
 
 
@@ -201,7 +211,7 @@ def _inputs(settings: Settings, series: Series, T: int):
 
     def randn(heads):
         return torch.randn((settings.B, heads, T, settings.D), generator=gen, device=settings.device,
-                           dtype=settings.dtype)
+                           dtype=series.dtype or settings.dtype)
 
     q, k, v = randn(settings.H), randn(series.kv_heads), randn(series.kv_heads)
     if series.mode == "fwd":
@@ -281,7 +291,7 @@ def run_sweep(settings: Settings, impls: dict[str, AttentionFn], show_progress: 
             if bar is not None:
                 bar.set_postfix_str(f"{one.label} {one.mode} T={T}")
             row = {"backend": one.backend, "series": one.label, "window": one.window, "kv_heads": one.kv_heads,
-                   "mode": one.mode, "T": T}
+                   "dtype": common.dtype_name(one.dtype or settings.dtype), "mode": one.mode, "T": T}
             if one.stopped is not None:
                 status, note = one.stopped
                 row.update(status=status, note=note)
@@ -305,21 +315,25 @@ def run_sweep(settings: Settings, impls: dict[str, AttentionFn], show_progress: 
 # speedup_vs_<name> = time of the baseline point / time of this point, both from this run. A
 # baseline is the same point with one thing changed: the backend (naive, sdpa, flex: at the same
 # window and kv heads), the window dropped (full: full causal attention of the same backend) or
-# the kv heads raised to the query heads (mha: the same backend without grouping).
-RATIOS = ("naive", "sdpa", "flex", "full", "mha")
+# the kv heads raised to the query heads (mha: the same backend without grouping) or the dtype
+# float32 (fp32: the same backend without bfloat16). Backend baselines run in the row's dtype.
+RATIOS = ("naive", "sdpa", "flex", "full", "mha", "fp32")
 
 
 def _baseline_key(row: dict, name: str, settings: Settings) -> tuple | None:
     mode, T, backend, window, kv_heads = row["mode"], row["T"], row["backend"], row["window"], row["kv_heads"]
+    dtype = row["dtype"]
     if name in ("naive", "sdpa", "flex"):
-        return mode, T, name, window, kv_heads  # 1.00x on the baseline's own rows
+        return mode, T, name, window, kv_heads, dtype  # 1.00x on the baseline's own rows
     if name == "full":
-        return (mode, T, backend, None, kv_heads) if window is not None else None
-    return (mode, T, backend, window, settings.H) if kv_heads != settings.H else None
+        return (mode, T, backend, None, kv_heads, dtype) if window is not None else None
+    if name == "fp32":
+        return (mode, T, backend, window, kv_heads, "float32") if dtype != "float32" else None
+    return (mode, T, backend, window, settings.H, dtype) if kv_heads != settings.H else None
 
 
 def _add_ratios(rows: list[dict], settings: Settings) -> None:
-    times = {(r["mode"], r["T"], r["backend"], r["window"], r["kv_heads"]): r["time_ms"]
+    times = {(r["mode"], r["T"], r["backend"], r["window"], r["kv_heads"], r["dtype"]): r["time_ms"]
              for r in rows if r["status"] == OK}
     for row in rows:
         for name in RATIOS:
@@ -397,6 +411,7 @@ RATIO_MEANINGS = {
     "flex": "torch.compile(flex_attention) with a sliding-window block mask (built outside the timed calls)",
     "full": "the same backend without the window (full causal attention)",
     "mha": "the same backend with Hkv = Hq (MHA: the same query heads, no grouping)",
+    "fp32": "the same backend in float32 (inputs drawn from the same generator)",
 }
 
 
@@ -569,7 +584,8 @@ def settings_from_args(args: argparse.Namespace, device: torch.device) -> Settin
     budget = args.budget_s if args.budget_s is not None else scenario.budget_s[device.type]
     memory = (int(args.memory_limit_gb * 2**30) if args.memory_limit_gb is not None
               else common.available_memory_bytes(device))
-    return Settings(scenario=args.scenario, device=device, dtype=common.resolve_dtype(args.dtype, device),
+    return Settings(scenario=args.scenario, device=device,
+                    dtype=common.resolve_dtype(args.dtype or scenario.dtype, device),
                     B=args.batch, H=args.heads, kv_heads=args.kv_heads, D=args.head_dim, causal=not args.no_causal,
                     windows=args.windows, t_values=t_values, modes=args.modes,
                     repeats=args.repeats, min_repeats=3,
