@@ -1,4 +1,4 @@
-"""The `fastgpt` command: info | generate | bench attention|layernorm|rmsnorm|model|decode | train.
+"""The `fastgpt` command: info | generate | bench attention|layernorm|rmsnorm|model|decode|context-parallel | train.
 
 `bench` and `train` hand the rest of the command line, untouched, to the main(argv)
 of the module that implements them, imported only when asked for.
@@ -14,7 +14,8 @@ import platform
 import sys
 
 BENCHMARKS = {"attention": "fastgpt.bench.attention", "layernorm": "fastgpt.bench.layer_norm",
-              "rmsnorm": "fastgpt.bench.rms_norm", "model": "fastgpt.bench.model", "decode": "fastgpt.bench.decode"}
+              "rmsnorm": "fastgpt.bench.rms_norm", "model": "fastgpt.bench.model", "decode": "fastgpt.bench.decode",
+              "context-parallel": "fastgpt.bench.context_parallel"}
 # Older names: `fastgpt bench context` is the attention benchmark; `fastgpt bench gpt` the model benchmark
 # (whose --arch defaults to gpt2: the GPT-2 end-to-end benchmark it was).
 BENCH_ALIASES = {"context": "attention", "gpt": "model"}
@@ -200,11 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Parsed by hand in main() (see there); declared here for --help.
     bench = commands.add_parser("bench", help="benchmarks: attention (alias: context) | layernorm | rmsnorm | "
-                                              "model --arch gpt2|llama3|qwen3|gemma3 (alias: gpt) "
+                                              "model --arch gpt2|llama3|qwen3|gemma3 (alias: gpt) | decode | "
+                                              "context-parallel "
                                               "[their options]; results go to benchmarks/out/")
     bench.add_argument("which", choices=sorted(BENCHMARKS) + sorted(BENCH_ALIASES))
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
-    train = commands.add_parser("train", help="train GPT-2 on a text file [its options]")
+    train = commands.add_parser("train", help="train GPT-2 on a text file [its options]; under torchrun: DDP, "
+                                              "--fsdp, --context-parallel K")
     train.add_argument("args", nargs=argparse.REMAINDER, help="passed to fastgpt.train")
     return parser
 

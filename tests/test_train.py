@@ -1,5 +1,7 @@
 """`fastgpt train`: the book's chapter-5 loop learns, the fused CPU kernels train the same
-model as the naive backend step for step, and the checkpoint reloads."""
+model as the naive backend step for step, and the checkpoint reloads; --resume continues a
+run exactly; under torchrun (here: spawned gloo processes with its environment) DDP, FSDP and
+context parallelism give one process's per-step losses."""
 import os
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 import fastgpt
 from conftest import require_backend
 from fastgpt import cli, train
+from test_distributed import run_ranks, write_report
 
 
 @pytest.fixture
@@ -21,7 +24,8 @@ def tiny_args(text, out, backend, max_steps, **extra):
     argv = ["--text", text, "--config", "tiny", "--context-length", "32", "--batch-size", "2", "--drop-rate", "0",
             "--backend", backend, "--device", "cpu", "--max-steps", str(max_steps), "--out", out, "--no-progress"]
     for key, value in extra.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        argv += [flag] if value is True else [flag, str(value)]
     return train.parse_args(argv)
 
 
@@ -81,3 +85,66 @@ def test_train_rejects_text_too_short_for_the_context(tmp_path, verdict):
     with pytest.raises(SystemExit, match="too short for context length 256"):
         train.train(train.parse_args(["--text", str(short), "--config", "tiny", "--out", "", "--no-progress"]),
                     log=lambda *_: None)
+
+
+def test_resume_continues_exactly(verdict, tmp_path):
+    """6 steps in one run = 3 steps, then --resume for 3 more: the same losses and evaluations
+    (evaluations every 2 steps also draw from the generator that orders the batches)."""
+    options = {"eval_freq": 2, "eval_iter": 1}
+    _, whole = train.train(tiny_args(verdict, "", "cpu", 6, **options), log=lambda *_: None)
+    first = str(tmp_path / "first.pt")
+    train.train(tiny_args(verdict, first, "cpu", 3, **options), log=lambda *_: None)
+    _, resumed = train.train(tiny_args(verdict, "", "cpu", 6, resume=first, **options), log=lambda *_: None)
+    assert resumed.step_losses == whole.step_losses[3:]
+    assert resumed.evals == whole.evals[2:] and [e["step"] for e in resumed.evals] == [4]
+    with pytest.raises(SystemExit, match="that run had batch_size 2 \\(now 4\\)"):
+        train.train(tiny_args(verdict, "", "cpu", 6, resume=first, batch_size=4), log=lambda *_: None)
+
+
+# Each: how the two processes train (train's options), run one after the other in one process group.
+PARALLEL_RUNS = {"ddp": {}, "fsdp": {"fsdp": True}, "context_parallel": {"context_parallel": 2}}
+
+
+def _parallel_tiny_args(text, out, **extra):
+    return tiny_args(text, out, "cpu", 4, eval_freq=3, eval_iter=1, **extra)
+
+
+def _train_runs(rank, world, out_dir, text, vocab):
+    os.environ["FASTGPT_GPT2_VOCAB"] = vocab
+    report = {}
+    for name, extra in PARALLEL_RUNS.items():
+        _, history = train.train(_parallel_tiny_args(text, os.path.join(out_dir, f"{name}.pt"), **extra),
+                                 log=lambda *_: None)
+        report[name] = {"step_losses": history.step_losses, "evals": history.evals}
+        write_report(out_dir, rank, report)
+
+
+def test_two_processes_train_like_one(verdict, tmp_path):
+    """The same global batch (2 windows) over 2 processes, as DDP replicas, FSDP shards, or one
+    sequence split by context parallelism: rank 0's per-step losses and evaluations are the
+    single process's, and its checkpoint loads."""
+    require_backend("cpu")
+    _, single = train.train(_parallel_tiny_args(verdict, ""), log=lambda *_: None)
+    reports = run_ranks(_train_runs, 2, str(tmp_path), 240, verdict, os.environ["FASTGPT_GPT2_VOCAB"])
+    for name in PARALLEL_RUNS:
+        assert name in reports[0] and name in reports[1], f"{name} did not finish: {reports}"
+        for rank, report in enumerate(reports):
+            losses = report[name]["step_losses"]
+            assert len(losses) == 4 and max(abs(a - b) for a, b in zip(losses, single.step_losses)) < 1e-5, \
+                (name, rank, losses, single.step_losses)
+            for mine, theirs in zip(report[name]["evals"], single.evals):
+                assert mine["step"] == theirs["step"] and abs(mine["val_loss"] - theirs["val_loss"]) < 1e-5
+        reloaded = fastgpt.load_checkpoint(str(tmp_path / f"{name}.pt"))
+        assert reloaded.cfg["context_length"] == 32 and os.path.isfile(tmp_path / f"{name}.pt.state")
+    assert single.step_losses[-1] != single.step_losses[0]
+
+
+def test_parallel_options_are_checked(verdict, capsys):
+    for argv, message in ((["--context-parallel", "2"], "--context-parallel needs --drop-rate 0"),
+                          (["--context-parallel", "4", "--drop-rate", "0", "--context-length", "36"],
+                           "divisible by 2 x --context-parallel = 8")):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--text", verdict, *argv])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="run under torchrun"):
+        train.train(tiny_args(verdict, "", "cpu", 1, context_parallel=2), log=lambda *_: None)

@@ -8,7 +8,11 @@
 - rms_norm (`fastgpt bench rmsnorm`): RMSNorm (and add + RMSNorm) forward/backward GB/s;
 - model (`fastgpt bench model --arch gpt2|llama3|qwen3|gemma3`, alias `gpt`): a model of
   fastgpt.models end to end, training-step and KV-cache generation tokens/s per backend
-  against sdpa and naive.
+  against sdpa and naive;
+- decode (`fastgpt bench decode`): one query against a long KV cache vs SDPA, then generate;
+- context_parallel (`fastgpt bench context-parallel`): ring-attention training step, per-rank
+  peak memory and time vs context length for 1, 2 and 4 processes (gloo), the longest context
+  under a memory budget.
 
 Results go to benchmarks/out/ (git-ignored) unless --out-dir says otherwise; the
 committed ones in benchmarks/results/ are rewritten only by `--out-dir benchmarks/results`
