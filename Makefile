@@ -10,7 +10,7 @@ CUDA_SOURCES := $(wildcard csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h) $(CUDA_SOURCES)
 EXT := fastgpt/_C$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
-.PHONY: all setup build test bench bench-results cmake-build wheel-check gpu-check gpu-carry clean
+.PHONY: all setup build test bench bench-results cmake-build wheel-check aarch64-check gpu-check gpu-carry gpu-resources clean
 all: test
 
 # Under a lock, and only if no concurrent make did it meanwhile: two makes started on a fresh
@@ -44,12 +44,17 @@ bench: build
 	$(PY) -m fastgpt bench attention
 
 bench-results: build
-	for b in attention "attention --scenario gqa" "attention --scenario window" layernorm rmsnorm "model --arch gpt2" "model --arch llama3" "model --arch qwen3" "model --arch gemma3" decode; do \
+	for b in attention "attention --scenario gqa" "attention --scenario window" "attention --scenario bf16" layernorm rmsnorm "model --arch gpt2" "model --arch llama3" "model --arch qwen3" "model --arch gemma3" decode context-parallel; do \
 	  $(PY) -m fastgpt bench $$b --out-dir benchmarks/results || exit 1; done
 
 # Reuses the objects `make build` compiled (setup.cfg: build_ext build_temp), so run it after build.
 wheel-check: build
 	PY=$(PY) tools/wheel_check.sh
+
+# The CPU kernels compiled for aarch64 (objects only: no aarch64 torch to link against here); needs a
+# cross compiler: apt install g++-aarch64-linux-gnu. Not part of `make test` (nothing installs it).
+aarch64-check: $(VENV)/.installed
+	PY=$(PY) tools/aarch64_check.sh
 
 # One CPU level is enough to check the CMake build (`make build` compiles every level for the tests).
 CMAKE_CPU_LEVELS ?= default
@@ -71,6 +76,12 @@ gpu-check:
 
 gpu-carry:
 	mkdir -p .gpu && cp -r ../shared/acceptance .gpu/
+
+# No GPU needed: registers, spills, shared memory and occupancy of every CUDA kernel (sm_80, sm_90)
+# and of every Triton configuration the launchers can pick (sm_90), into benchmarks/results/gpu_resources.{md,json}
+# (tests/test_gpu_resources.py checks the .json). Compiles everything: minutes.
+gpu-resources: $(VENV)/.installed
+	$(PY) tools/gpu_resources.py
 
 clean:
 	rm -rf build dist *.egg-info fastgpt/_C*.so

@@ -11,6 +11,7 @@ capture and replay, launches on the current stream, long sequences against the f
 and the dropout mask bit-identical to the reference's and the cpu backend's.
 """
 import glob
+import math
 import os
 import shutil
 
@@ -73,10 +74,9 @@ def emulator():
     os.makedirs(build_dir, exist_ok=True)
     return load(name="fastgpt_cuda_emulator", sources=[os.path.join(ROOT, "csrc", "cuda", "emulator", "emulator.cpp")],
                 extra_include_paths=[os.path.join(ROOT, "csrc"), include], build_directory=build_dir,
-                # -fno-strict-aliasing: kernels reinterpret 16-byte vectors as their elements, which nvcc
-                # allows and an optimising host compiler may otherwise drop (reading stale values).
-                extra_cflags=["-O2", "-fno-strict-aliasing", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__"])
+                # Strict aliasing on, as an optimising host compiler has it: the kernels copy the bits
+                # of their 16-byte vectors (vector_io.cuh), they do not reinterpret them.
+                extra_cflags=["-O2", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__"])
 
 
 # (B, H, Tq, Tk, D, causal, masked, dropout_p): every head dim, partial tiles, Tq < Tk and
@@ -182,6 +182,159 @@ def test_emulated_dropout_mask_is_bit_identical_to_reference(emulator):
 def test_compiled_head_dims_are_the_declared_ones(emulator):
     """csrc/cuda/attention.h compiles the head dims that fastgpt/backends.py declares for `cuda`."""
     assert tuple(emulator.attention_head_dims()) == backends.REGISTRY["cuda"].head_dims
+
+
+# ---- the emulator's fragment maps against CuTe's layouts --------------------------------------------
+#
+# An independent source for the register layouts of mma.m16n8k16 and ldmatrix .x4: CuTe (NVIDIA/cutlass,
+# include/cute/atom/mma_traits_sm80.hpp and copy_traits_sm75.hpp) writes each as a layout, a map from a
+# (thread, value) coordinate to an index given by a shape and a stride (nested tuples; a coordinate is
+# spread over a nested shape colexicographically: the leftmost mode varies fastest). The facts used,
+# the shapes and strides there:
+#   SM80_16x8x16_F32F16F16F32_TN and _F32BF16BF16F32_TN (the same layouts; value v is half v % 2 of
+#   register v // 2; the index is column-major in the operand):
+#     A (T32, V8) -> (M16, K16)   ((4, 8), (2, 2, 2)) : ((32, 1), (16, 8, 128))
+#     B (T32, V4) -> (N8, K16)    ((4, 8), (2, 2))    : ((16, 1), (8, 64))
+#     C (T32, V4) -> (M16, N8)    ((4, 8), (2, 2))    : ((32, 1), (16, 8))      (one float a register)
+#   ldmatrix: the source is 32 rows of 128 bits (lane l points to row l: block l // 8, row l % 8); the
+#   destination layout maps (thread, (bit, ..., register)) to the source bit:
+#     SM75_U32x4_LDSM_N   (32, (32, 4))             : (32, (1, 1024))
+#     SM75_U16x8_LDSM_T   ((4, 8), (16, 2, 4))      : ((256, 16), (1, 128, 1024))   (the value modes:
+#                                                     bit, 16-bit half, register)
+CUTE_MMA = {  # name: (thread shape, thread stride, value shape, value stride, rows of the index, 16-bit)
+    "mma_a": ((4, 8), (32, 1), (2, 2, 2), (16, 8, 128), 16, True),
+    "mma_b": ((4, 8), (16, 1), (2, 2), (8, 64), 8, True),
+    "mma_c": ((4, 8), (32, 1), (2, 2), (16, 8), 16, False),
+}
+CUTE_LDMATRIX = {  # name: (thread shape, thread stride, value shape, value stride)
+    "ldmatrix": (32, 32, (32, 4), (1, 1024)),
+    "ldmatrix_trans": ((4, 8), (256, 16), (16, 2, 4), (1, 128, 1024)),
+}
+
+
+def cute_index(shape, stride, coord):
+    """CuTe's layout function: the integer coordinate spread over `shape` colexicographically, dotted
+    with `stride` (both nested tuples or ints)."""
+    if isinstance(shape, int):
+        return coord * stride
+    index = 0
+    for sub_shape, sub_stride in zip(shape, stride):
+        size = math.prod(sub_shape) if isinstance(sub_shape, tuple) else sub_shape
+        index += cute_index(sub_shape, sub_stride, coord % size)
+        coord //= size
+    return index
+
+
+def cute_fragment_maps():
+    """The maps of CUTE_MMA and CUTE_LDMATRIX in the emulator's form: name -> {(lane, register[, half]):
+    (row, col) of the operand (A row x k, B k x col, C row x col) or (block, row, col) of ldmatrix's
+    stored 8 x 8 blocks}."""
+    maps = {}
+    for name, (t_shape, t_stride, v_shape, v_stride, rows, halves) in CUTE_MMA.items():
+        entries = {}
+        for lane in range(32):
+            for value in range(math.prod(v_shape)):
+                index = cute_index(t_shape, t_stride, lane) + cute_index(v_shape, v_stride, value)
+                first, second = index % rows, index // rows  # column-major (M, K), (N, K), (M, N)
+                element = (second, first) if name == "mma_b" else (first, second)  # B as (k, col)
+                entries[(lane, value // 2, value % 2) if halves else (lane, value)] = element
+        maps[name] = entries
+    for name, (t_shape, t_stride, v_shape, v_stride) in CUTE_LDMATRIX.items():
+        entries = {}
+        for lane in range(32):
+            for reg in range(4):
+                for half in range(2):
+                    value = 16 * half + 32 * reg  # the half's first bit: (16 h, reg) or (0, h, reg)
+                    bit = cute_index(t_shape, t_stride, lane) + cute_index(v_shape, v_stride, value)
+                    row, col = bit // 128, bit % 128 // 16  # of the 32 source rows of 8 x 16 bits
+                    entries[(lane, reg, half)] = (row // 8, row % 8, col)
+        maps[name] = entries
+    return maps
+
+
+def map_mismatches(got, want):
+    """The (lane, register[, half]) keys where two maps of one kind disagree (missing ones included)."""
+    return sorted(key for key in set(got) | set(want) if got.get(key) != want.get(key))
+
+
+def emulator_fragment_maps(emulator):
+    """emulator.fragment_maps() (rows of key then element) in cute_fragment_maps()'s form."""
+    maps = {}
+    for name, rows in emulator.fragment_maps().items():
+        width = 3 if name.startswith("ldmatrix") else 2  # (block, row, col) or (row, col)
+        maps[name] = {tuple(row[:-width]): tuple(row[-width:]) for row in rows}
+    return maps
+
+
+def test_emulator_fragment_maps_are_cutes(emulator):
+    """Every (lane, register, half) of the mma A, B, C/D fragments and of ldmatrix .x4 / .x4.trans,
+    as the emulator maps it (ptx_emulation.h), against CuTe's layouts."""
+    got, want = emulator_fragment_maps(emulator), cute_fragment_maps()
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert len(want[name]) == {"mma_a": 256, "mma_b": 128, "mma_c": 128}.get(name, 256)
+        assert len(set(want[name].values())) == len(want[name]), f"{name}: CuTe's map is one-to-one"
+        assert map_mismatches(got[name], want[name]) == [], name
+
+
+@pytest.mark.parametrize("name", ["mma_a", "mma_b", "mma_c", "ldmatrix", "ldmatrix_trans"])
+def test_fragment_map_comparison_finds_a_permuted_map(name):
+    """The comparison above on deliberately wrong maps: two entries swapped, and one lane's registers
+    rotated, are reported exactly where they differ."""
+    want = cute_fragment_maps()[name]
+    keys = sorted(want)
+    swapped = dict(want)
+    swapped[keys[3]], swapped[keys[40]] = want[keys[40]], want[keys[3]]
+    assert map_mismatches(swapped, want) == sorted([keys[3], keys[40]])
+    lane_keys = [key for key in keys if key[0] == 5]
+    rotated = dict(want)
+    for key, source in zip(lane_keys, lane_keys[1:] + lane_keys[:1]):
+        rotated[key] = want[source]
+    assert map_mismatches(rotated, want) == lane_keys
+
+
+def to_bits(values, dtype):
+    """16-bit patterns (int64) of float values in a 16-bit dtype."""
+    return values.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def pack_fragment(matrix, entries, regs, dtype):
+    """(32, regs) int64 registers holding `matrix` as the map `entries` places it."""
+    bits = to_bits(matrix, dtype)
+    registers = torch.zeros(32, regs, dtype=torch.int64)
+    for (lane, reg, half), (row, col) in entries.items():
+        registers[lane, reg] |= bits[row, col] << (16 * half)
+    return registers
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_emulated_mma_computes_a_times_b_plus_c_on_cutes_fragments(emulator, dtype):
+    """The emulated mma.m16n8k16 on fragments placed by CuTe's layouts computes D = A B + C (small
+    integers: exact in every dtype and summation order)."""
+    gen = torch.Generator().manual_seed(9)
+    a = torch.randint(-4, 5, (16, 16), generator=gen).float()
+    b = torch.randint(-4, 5, (16, 8), generator=gen).float()
+    c = torch.randint(-50, 51, (16, 8), generator=gen).float()
+    maps = cute_fragment_maps()
+    c_regs = torch.zeros(32, 4)
+    for (lane, reg), (row, col) in maps["mma_c"].items():
+        c_regs[lane, reg] = c[row, col]
+    d_regs = emulator.run_mma(pack_fragment(a, maps["mma_a"], 4, dtype), pack_fragment(b, maps["mma_b"], 2, dtype),
+                              c_regs, dtype == torch.bfloat16)
+    d = torch.empty(16, 8)
+    for (lane, reg), (row, col) in maps["mma_c"].items():
+        d[row, col] = d_regs[lane, reg]
+    assert torch.equal(d, a @ b + c)
+
+
+@pytest.mark.parametrize("transpose", (False, True), ids=["x4", "x4.trans"])
+def test_emulated_ldmatrix_delivers_cutes_elements(emulator, transpose):
+    """Each register half of the emulated ldmatrix holds the stored element CuTe's layout says."""
+    stored = 1000 + torch.arange(32 * 8, dtype=torch.int64).view(32, 8)  # distinct 16-bit patterns
+    registers = emulator.run_ldmatrix(stored, transpose)
+    for (lane, reg, half), (block, row, col) in cute_fragment_maps()["ldmatrix_trans" if transpose else
+                                                                     "ldmatrix"].items():
+        assert (registers[lane, reg].item() >> (16 * half)) & 0xFFFF == stored[8 * block + row, col].item()
 
 
 # ---- split-KV decode (csrc/cuda/attention_decode.cuh), emulated ---------------------------------
@@ -320,6 +473,65 @@ def test_emulated_decode_grid_limit_is_refused(emulator):
     with pytest.raises(RuntimeError, match=r"fastgpt::attention_fwd: \(Hq / Hkv\) \* Tq must be at most 524280 "
                                            r"for the decode kernel \(grid.z"):
         emulator.attention_fwd(q, k, v, None, True, 0.25, 0.0, 0, 0, 0.0, False, False)
+
+
+def test_emulated_launch_grid_is_checked_against_cudas_limits(emulator):
+    """ptx.cuh's launch_grid, which every launcher builds its dim3 with: past a limit, an error instead
+    of a count wrapped in the dim3 (too few blocks) or a failed launch."""
+    assert emulator.launch_grid(2**31 - 1, 65535, 65535) == [2**31 - 1, 65535, 65535]
+    for grid in ((2**31, 1, 1), (1, 65536, 1), (1, 1, 65536)):
+        with pytest.raises(RuntimeError, match=r"fastgpt: the launch grid of a test grid would be \(\d+, \d+, \d+\) "
+                                               r"blocks, past CUDA's limits \(x <= 2\^31 - 1, y and z <= 65535\)"):
+            emulator.launch_grid(*grid)
+
+
+def test_emulated_attention_grids_past_65535_tiles_are_refused(emulator):
+    """grid.y counts query tiles (forward) or key tiles (backward) of 64 rows in float32: one row past
+    65535 tiles is refused before any kernel runs. The long q, k, v are expanded views (no memory)."""
+    T = 65535 * 64 + 1
+    long = torch.zeros(1, 1, 1, 16).expand(1, 1, T, 16)
+    with pytest.raises(RuntimeError, match=r"the launch grid of the attention forward \(B \* H, query tiles\) would be "
+                                           r"\(1, 65536, 1\) blocks"):
+        emulator.attention_fwd(long, long, long, None, False, 0.25, 0.0, 0, 0, 0.0, False, False)
+    q = torch.zeros(1, 1, 32, 16)
+    with pytest.raises(RuntimeError, match=r"the launch grid of the attention backward \(B \* Hkv, key tiles of 64\) "
+                                           r"would be \(1, 65536, 1\) blocks"):
+        emulator.attention_bwd(q, q, long, long, q, torch.zeros(1, 1, 32), None, True, 0.25, 0.0, 0, 0, 0.0, False,
+                               False)
+
+
+@pytest.mark.parametrize("head_dim,smem_bytes", [(64, 48 * 1024), (128, 96 * 1024)])
+def test_emulated_shared_memory_opt_in_is_checked(emulator, head_dim, smem_bytes):
+    """The bfloat16 forward needs 48 KiB at D = 64 (exactly the default: it opts in too) and 96 KiB at
+    D = 128. On a device that grants less, the opt-in's refusal (cudaFuncSetAttribute's return code)
+    is the error, not the launch that would fail next."""
+    q, k, v = make_qkv(1, 1, 20, 20, head_dim, torch.bfloat16)  # Tq > 16: the prefill kernel, not decode
+    previous = emulator.set_shared_memory_limit(40 * 1024)
+    try:
+        with pytest.raises(RuntimeError, match=rf"fastgpt: the attention forward kernel needs {smem_bytes} bytes of "
+                                               r"shared memory per block, which this GPU refused to grant "
+                                               r"\(cudaFuncSetAttribute: invalid argument\)"):
+            emulator.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0, 0, 0.0, False, False)
+    finally:
+        emulator.set_shared_memory_limit(previous)
+    out, _ = emulator.attention_fwd(q, k, v, None, True, 0.125, 0.0, 0, 0, 0.0, False, False)
+    assert_close(out, *attention_oracle(q, k, v, True, None, 0.0, 0.125))
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.float32), ids=str)
+def test_emulated_backward_takes_a_misaligned_out(emulator, dtype):
+    """The delta kernel reads the saved out with 16-byte vector loads: a contiguous out that starts
+    one element into its storage is copied to an aligned one first (the emulator fails an unaligned
+    vector load, where a GPU would fault), with the same gradients."""
+    q, k, v = make_qkv(1, 2, 40, 40, 32, dtype)
+    out, lse = emulator.attention_fwd(q, k, v, None, True, 0.2, 0.0, 0, 0, 0.0, False, False)
+    misaligned = torch.empty(out.numel() + 1, dtype=dtype)[1:].view(out.shape).copy_(out)
+    assert misaligned.is_contiguous() and misaligned.data_ptr() % 16 != 0
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    want = emulator.attention_bwd(grad_out, q, k, v, out, lse, None, True, 0.2, 0.0, 0, 0, 0.0, False, False)
+    got = emulator.attention_bwd(grad_out, q, k, v, misaligned, lse, None, True, 0.2, 0.0, 0, 0, 0.0, False, False)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert torch.equal(g, w), name
 
 
 def test_emulated_layer_norm_with_no_rows(emulator):

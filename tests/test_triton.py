@@ -350,6 +350,57 @@ def test_autotune_candidates_are_pruned_to_the_lengths(kernels):
     assert gpt2 == triton_layer_norm.BWD_CONFIGS
 
 
+def test_spilling_candidates_are_pruned_before_benchmarking(kernels):
+    # _launch.spill_free_pruner on a stand-in kernel whose "compiled" candidates spill by BLOCK_M.
+    launch = kernels[2]
+    spills = {16: 0, 32: 40, 64: 0, 128: 12}
+    compiled_calls = []
+
+    class Compiled:
+        def __init__(self, n_spills):
+            self.n_spills = n_spills
+
+        def _init_handles(self):
+            pass
+
+    class Kernel:
+        def warmup(self, grid, **kwargs):
+            compiled_calls.append((grid, kwargs))
+            return Compiled(spills[kwargs["BLOCK_M"]])
+
+    configs = [launch.config(4, 3, BLOCK_M=m) for m in spills]
+    assert launch.spill_free_pruner(Kernel())(configs, {"x_ptr": "x"}, HEAD_DIM=64) == [configs[0], configs[2]]
+    grid, arguments = compiled_calls[0]  # compiled for the call's own arguments, with the candidate's meta
+    assert grid == (1,) and arguments["x_ptr"] == "x" and arguments["HEAD_DIM"] == 64
+    assert arguments["BLOCK_M"] == 16 and arguments["num_warps"] == 4 and arguments["num_stages"] == 3
+    # The kernel's own pruning first; when every candidate left spills, the ones that spill least.
+    odd = launch.spill_free_pruner(Kernel(), lambda configs, named_args, **kwargs: configs[1::2])
+    assert odd(configs, {}, HEAD_DIM=64) == [configs[3]]
+    compiled_calls.clear()
+    assert launch.spill_free_pruner(Kernel())(configs[1:2], {}) == configs[1:2] and not compiled_calls
+    # A candidate that cannot launch at all (too much shared memory) goes first, even before spilling ones.
+    from triton.runtime.errors import OutOfResources
+
+    def too_big():
+        raise OutOfResources(300 * 1024, 227 * 1024, "shared memory")
+
+    spills[32] = 0
+    Compiled._init_handles = lambda self: too_big() if self.n_spills == 0 and compiled_calls[-1][1]["BLOCK_M"] == 16 \
+        else None
+    assert launch.spill_free_pruner(Kernel())(configs, {}) == [configs[1], configs[2]]
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="under the interpreter the kernels have one config and no pruning")
+def test_every_autotuned_kernel_prunes_spilling_candidates(kernels):
+    from fastgpt.triton import attention_decode, rms_norm
+    triton_attention, triton_layer_norm, _ = kernels
+    for tuner in (triton_attention._attention_fwd_kernel, triton_attention._attention_bwd_dkdv_kernel,
+                  triton_attention._attention_bwd_dq_kernel, attention_decode._attention_decode_kernel,
+                  triton_layer_norm._layer_norm_fwd_kernel, triton_layer_norm._layer_norm_bwd_kernel,
+                  rms_norm._rms_norm_fwd_kernel, rms_norm._rms_norm_bwd_kernel):
+        assert "spill_free_pruner" in tuner.early_config_prune.__qualname__, tuner.fn.__name__
+
+
 @pytest.mark.skipif(not HAS_GPU, reason="the interpreter runs one config: nothing is tuned or cached")
 def test_autotune_caches_one_config_per_bucket(device, kernels):
     import fastgpt.triton
@@ -401,41 +452,119 @@ def test_layer_norm_weight_grads_with_a_short_last_group(device, kernels, dtype,
         assert_close(got, want, same, what=name)
 
 
+# ----------------------------------------------------------------------------- offsets past 2^31
+
+OFFSETS_PAST_INT32_SCRIPT = textwrap.dedent("""
+    # Runs every kernel under the interpreter on views whose element offsets pass 2^31 while little
+    # memory is used: the views live in one large torch.empty buffer (virtual memory; only the pages
+    # of the few elements in use are ever touched). argv[1] names the layout:
+    #   rows:    row stride 2^24, 160 rows: a tile's first row (start 128+) times the stride passes
+    #            2^31 -- int64 in the kernels (`_advance`, rows64), so no copy is made;
+    #   columns: column stride 150e6, 16 columns: an in-tile offset passes 2^31 -- the host copies
+    #            these views (`_launch.int32_tile_offsets`), the kernels keep in-tile offsets int32.
+    # Without either, int32 offsets wrap: wrong results or a crash (hence the subprocess).
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, "tests")
+    import torch
+    import fastgpt.triton
+    from checks import assert_close, attention_oracle
+    from fastgpt import reference
+
+    ROW_STRIDE, COLUMN_STRIDE, T, D = 2**24, 150_000_000, 160, 16
+    layout = sys.argv[1]
+    gen = torch.Generator().manual_seed(0)
+    if layout == "rows":  # tensor i of row r at r * ROW_STRIDE + D * i
+        buffer = torch.empty(T * ROW_STRIDE + 8 * D, dtype=torch.float16)
+        def view(i, rows, cols):
+            return buffer.as_strided((rows, cols), (ROW_STRIDE, 1), D * i)
+        # The key padding mask: one byte per row, in slot 6 of the row's 8 half-precision tensors.
+        mask = buffer.view(torch.bool).as_strided((1, T), (0, 2 * ROW_STRIDE), 2 * 6 * D)
+    else:  # tensor i of column c at c * COLUMN_STRIDE + T * i
+        buffer = torch.empty(D * COLUMN_STRIDE + 8 * T, dtype=torch.float16)
+        def view(i, rows, cols):
+            return buffer.as_strided((rows, cols), (1, COLUMN_STRIDE), T * i)
+        mask = torch.ones(1, T, dtype=torch.bool)
+    mask.copy_(torch.rand(1, T, generator=gen) > 0.2)
+
+    def filled(t):
+        return t.copy_(torch.randn(t.shape, generator=gen))
+
+    for Tq in (T, 4):  # the prefill kernels; the split-KV decode forward (Tq <= 16)
+        q, k, v, grad_out = (filled(view(i, Tq if i in (0, 3) else T, D)) for i in range(4))
+        q, k, v, grad_out = (t[None, None] for t in (q, k, v, grad_out))  # (1, 1, T, D)
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = fastgpt.triton.attention.attention(q, k, v, True, mask, 0.0, 0.25, 0)
+        grads = torch.autograd.grad(fastgpt.triton.attention.attention(*leaves, True, mask, 0.0, 0.25, 0),
+                                    leaves, grad_out)
+        oracle, naive = attention_oracle(q, k, v, True, mask, scale=0.25)
+        assert_close(out, oracle, naive, what=f"attention out Tq={Tq}")
+        if Tq == T:  # the backward on views (the leaves' copies are contiguous: only grad_out is a view)
+            got = fastgpt.triton.attention.attention_bwd(grad_out, q, k, v, out, fastgpt.triton.attention.attention_fwd(
+                q, k, v, mask, True, 0.25, 0.0, 0, 0, 0.0)[1], mask, True, 0.25, 0.0, 0, 0, 0.0)
+            for name, g, w in zip(("dq", "dk", "dv"), got, grads):
+                assert_close(g, w.double(), w, what=f"attention {name}")
+        print("attention ok", Tq, flush=True)
+
+    x, grad_y, residual = (filled(view(i, T, D)) for i in range(3))  # (N, C) = (T, D) views
+    weight, bias = (filled(view(3 + i, 1, D))[0] for i in range(2))  # (C,), the column stride
+    for name, run, want in (
+            ("layer_norm", lambda *a: fastgpt.triton.layer_norm.layer_norm(*a[:3], 1e-5),
+             lambda *a: reference.layer_norm(*a[:3], 1e-5)),
+            ("rms_norm", lambda *a: fastgpt.triton.rms_norm.add_rms_norm(a[0], a[3], a[1], 1e-6, 1.0)[0],
+             lambda *a: reference.rms_norm(a[0] + a[3], a[1], 1e-6, 1.0))):
+        inputs = (x, weight, bias, residual)
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        y = run(*leaves)
+        got = torch.autograd.grad(y, leaves[:2], grad_y)
+        for precision in (torch.float64, torch.float16):
+            ref_leaves = [t.detach().to(precision).requires_grad_() for t in inputs]
+            ref_y = want(*ref_leaves)
+            ref_grads = torch.autograd.grad(ref_y, ref_leaves[:2], grad_y.to(precision))
+            if precision == torch.float64:
+                oracle = (ref_y.detach(), *ref_grads)
+        for what, g, w, same in zip(("y", "dx", "dweight"), (y, *got), oracle, (ref_y, *ref_grads)):
+            assert_close(g, w, same.detach(), what=f"{name} {what}")
+        print(name, "ok", flush=True)
+    print("offsets ok")
+""")
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_views_with_offsets_past_int32(layout):
+    # The kernels on views whose element offsets pass 2^31 (see the script): a first tile row times
+    # the row stride, or an in-tile column index times the column stride.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", OFFSETS_PAST_INT32_SCRIPT, layout], cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "offsets ok" in result.stdout, \
+        f"exit {result.returncode}: {result.stdout[-2000:]} {result.stderr[-3000:]}"
+
+
 # ----------------------------------------------------------------------------- GPU code generation
 
 HOPPER_COMPILE_SCRIPT = textwrap.dedent("""
     # Compiles kernels for sm_90 with Triton's own compiler: no GPU needed. argv[1] is "kernels"
     # (every kernel, head dim 64 / 32) or a head dim (the attention kernels at that head dim).
+    # Specialised as a real launch is (tools/gpu_resources.py: triton_source): pointers and strides
+    # divisible by 16, unit strides constant, so shared memory is that of the vectorised, pipelined code.
     import sys
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
     from triton.runtime.autotuner import Autotuner
+    sys.path.insert(0, "tools")
+    from gpu_resources import ARCHS, compile_triton
     from fastgpt.triton import attention as fa, layer_norm as ln
-
-    # Triton specialises int arguments equal to 1 as constants: the unit strides of a launch.
-    UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_dod", "stride_od", "stride_kpmn",
-                    "stride_xc", "stride_dyc", "stride_w", "stride_b")
-    FLOATS = ("qk_scale", "sm_scale", "dropout_p", "keep_scale", "eps", "softcap")
-    FLOAT32_POINTERS = ("lse_ptr", "delta_ptr", "mean_ptr", "rstd_ptr", "dw_partial_ptr", "db_partial_ptr")
-    SM90_SHARED_MEMORY = 227 * 1024  # the most one block may opt in to; Triton refuses bigger kernels at launch
 
     def build(kernel, dtype, constexprs, num_warps, num_stages, config=None):
         # config: the autotuned kernel's candidate to build (default its first).
         if isinstance(kernel, Autotuner):
             config = config or kernel.configs[0]
         fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
-        constexprs = {**constexprs, **(config.kwargs if config else {}),
-                      **{name: 1 for name in UNIT_STRIDES if name in fn.arg_names}}
-        signature = {name: "constexpr" if name in constexprs else
-                     ("*fp32" if name in FLOAT32_POINTERS else "*u8" if name == "kpm_ptr" else "*" + dtype)
-                     if name.endswith("_ptr") else "fp32" if name in FLOATS else "i32" for name in fn.arg_names}
-        options = {"num_warps": config.num_warps if config else num_warps,
-                   "num_stages": config.num_stages if config else num_stages}
-        compiled = compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
-        assert compiled.asm["cubin"], fn.__name__
-        assert compiled.metadata.shared <= SM90_SHARED_MEMORY, (fn.__name__, dtype, constexprs, config,
-                                                                compiled.metadata.shared)
+        constexprs = {**constexprs, **(config.kwargs if config else {})}
+        usage = compile_triton(fn, dtype, constexprs, config.num_warps if config else num_warps,
+                               config.num_stages if config else num_stages)
+        # The most one block may opt in to; Triton refuses bigger kernels at launch.
+        assert usage["smem"] <= ARCHS["sm_90"]["smem_per_block"], (fn.__name__, dtype, constexprs, config, usage)
 
     def head_dim(D):
         return dict(HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D))  # the kernels' padded tile width
@@ -714,44 +843,20 @@ def test_decode_autotune_key_and_pruning(kernels):
 
 DECODE_HOPPER_SCRIPT = textwrap.dedent("""
     # Compiles the decode kernels' GPU configs for sm_90 (no GPU needed), specialised as a real launch
-    # is: pointers and the non-unit strides divisible by 16 (Triton's launch-time specialisation, which
-    # enables vectorised, pipelined loads). Prints registers, stack (spills) and shared memory per build.
-    import os, shutil, subprocess, sys, tempfile
+    # is (tools/gpu_resources.py: triton_source). Prints registers, spills and shared memory per build.
+    import sys
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
+    sys.path.insert(0, "tools")
+    from gpu_resources import ARCHS, compile_triton
     from fastgpt.triton import attention_decode as ad
 
-    UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_kpmn")
-    FLOATS = ("qk_scale", "dropout_p", "keep_scale", "softcap")
-    FLOAT32_POINTERS = ("lse_ptr", "part_out_ptr", "part_lse_ptr")
-    SM90_SHARED_MEMORY = 227 * 1024
-    CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    CUOBJDUMP = CUOBJDUMP if os.path.exists(CUOBJDUMP) else shutil.which("cuobjdump")
-
     def build(fn, dtype, constexprs, num_warps, num_stages, spill_free):
-        constexprs = {**constexprs, **{name: 1 for name in UNIT_STRIDES if name in fn.arg_names}}
-        signature = {name: "constexpr" if name in constexprs else
-                     ("*fp32" if name in FLOAT32_POINTERS else "*u8" if name == "kpm_ptr" else "*" + dtype)
-                     if name.endswith("_ptr") else "fp32" if name in FLOATS else "i32" for name in fn.arg_names}
-        aligned = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, kind in signature.items()
-                   if kind != "constexpr" and (name.endswith("_ptr") or name.startswith("stride_"))}
-        compiled = compile(ASTSource(fn, signature, constexprs, aligned), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": num_warps, "num_stages": num_stages})
-        shared = compiled.metadata.shared
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "kernel.cubin")
-            with open(path, "wb") as f:
-                f.write(compiled.asm["cubin"])
-            usage = subprocess.run([CUOBJDUMP, "-res-usage", path], capture_output=True, text=True,
-                                   check=True).stdout
-        fields = dict(item.split(":", 1) for item in usage.split("Function", 1)[1].split() if ":" in item)
-        regs, stack = int(fields["REG"]), int(fields["STACK"])
+        usage = compile_triton(fn, dtype, constexprs, num_warps, num_stages)
         what = {k: constexprs[k] for k in ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "SPLIT", "HAS_DROPOUT") if k in constexprs}
-        print(f"{fn.__name__} {dtype} {what} warps={num_warps} stages={num_stages}: "
-              f"regs={regs} stack={stack} shared={shared}")
-        assert shared <= SM90_SHARED_MEMORY, (fn.__name__, what, shared)
-        assert not spill_free or stack == 0, (fn.__name__, what, "spills", stack)
+        print(f"{fn.__name__} {dtype} {what} warps={num_warps} stages={num_stages}: regs={usage['registers']} "
+              f"spill stores={usage['spill_stores']} shared={usage['smem']}")
+        assert usage["smem"] <= ARCHS["sm_90"]["smem_per_block"], (fn.__name__, what, usage["smem"])
+        assert not spill_free or usage["spill_stores"] == 0, (fn.__name__, what, "spills", usage["spill_stores"])
 
     kernel = ad._attention_decode_kernel.fn
     plain = dict(CAUSAL=True, HAS_KPM=False, kpm_ptr=None, HAS_DROPOUT=False, SOFTCAP=False, WINDOW=False,

@@ -120,7 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     return {grad_q, grad_k, grad_v};
   }
   const at::Tensor q_ = kernel_layout(q), k_ = kernel_layout(k), v_ = kernel_layout(v);
-  const at::Tensor grad_out_ = kernel_layout(grad_out), out_ = out.contiguous(), lse_ = lse.contiguous();
+  const at::Tensor grad_out_ = kernel_layout(grad_out), out_ = contiguous_aligned(out),
+                   lse_ = lse.contiguous();
   const std::optional<at::Tensor> mask = contiguous_mask(key_padding_mask);
   at::Tensor delta = at::empty({B, H, Tq}, q.options().dtype(at::kFloat));             // (B, H, Tq)
   at::Tensor grad_q_accum = at::zeros({B, H, Tq, D}, q.options().dtype(at::kFloat));  // (B, H, Tq, D)

@@ -39,7 +39,7 @@ struct AttentionParams {
   // backward (the forward's out and lse are inputs then)
   const void* grad_out;  // (B, H, Tq, D)
   int64_t grad_out_batch_stride, grad_out_head_stride, grad_out_row_stride;
-  const void* saved_out;  // (B, H, Tq, D) contiguous
+  const void* saved_out;  // (B, H, Tq, D) contiguous, 16-byte aligned (host.h: contiguous_aligned)
   const float* saved_lse; // (B, H, Tq)
   const float* grad_lse;  // (B, H, Tq) or null: the gradient of the returned lse (return_lse=True)
   float* delta;           // (B, H, Tq) scratch: rowsum(grad_out * out) - grad_lse

@@ -313,18 +313,21 @@ void launch_attention_bwd(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = BwdConfig<Element, kHeadDim>;
   const int64_t rows = int64_t(params.batch) * params.heads * params.q_len;
   constexpr int kRowsPerDeltaBlock = DeltaConfig<Element, kHeadDim>::kRowsPerBlock;
-  launch_kernel(attention_bwd_delta_kernel<Element, kHeadDim>,
-                unsigned((rows + kRowsPerDeltaBlock - 1) / kRowsPerDeltaBlock), 256, 0, stream, params);
-
-  auto kernel = attention_bwd_kernel<Element, kHeadDim>;
-  allow_shared_memory(kernel, Cfg::kSmemBytes);
-  const dim3 grid(params.batch * params.kv_heads, (params.k_len + Cfg::kBlockN - 1) / Cfg::kBlockN);
-  launch_kernel(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, params);
-
+  // Every grid is checked before the first launch: an error leaves nothing half done.
+  const dim3 delta_grid = launch_grid("the attention backward's delta (rows of B * H * Tq)",
+                                      (rows + kRowsPerDeltaBlock - 1) / kRowsPerDeltaBlock);
+  const dim3 grid = launch_grid("the attention backward (B * Hkv, key tiles of 64)",
+                                int64_t(params.batch) * params.kv_heads,
+                                (int64_t(params.k_len) + Cfg::kBlockN - 1) / Cfg::kBlockN);
   const int64_t n_quads = rows * params.head_dim / 4;
-  const int64_t blocks = (n_quads + 255) / 256;
-  launch_kernel(attention_bwd_convert_dq_kernel<Element>, unsigned(blocks < 65536 ? blocks : 65536), 256, 0, stream,
-                params, n_quads);
+  const int64_t blocks = (n_quads + 255) / 256;  // grid-stride: at most 65536 of them
+  const dim3 convert_grid = launch_grid("the attention backward's dQ conversion", blocks < 65536 ? blocks : 65536);
+  auto kernel = attention_bwd_kernel<Element, kHeadDim>;
+  allow_shared_memory(kernel, Cfg::kSmemBytes, "the attention backward kernel");
+
+  launch_kernel(attention_bwd_delta_kernel<Element, kHeadDim>, delta_grid, 256, 0, stream, params);
+  launch_kernel(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, params);
+  launch_kernel(attention_bwd_convert_dq_kernel<Element>, convert_grid, 256, 0, stream, params, n_quads);
 }
 
 }  // namespace fastgpt::cuda

@@ -332,12 +332,14 @@ __global__ void __launch_bounds__(kDecodeMergeThreads)
 template <typename Element, int kHeadDim>
 void launch_attention_decode(const AttentionParams& params, const DecodeSplits& splits, cudaStream_t stream) {
   using Cfg = DecodeConfig<Element, kHeadDim>;
-  const dim3 grid(params.batch * params.kv_heads, splits.num_splits, splits.row_blocks);
+  const dim3 grid = launch_grid("the attention decode (B * Hkv, key chunks, row blocks)",
+                                int64_t(params.batch) * params.kv_heads, splits.num_splits, splits.row_blocks);
+  const int64_t items = int64_t(params.batch) * params.heads * params.q_len * (params.head_dim / 4);
+  const dim3 merge_grid = launch_grid("the attention decode merge (B * Hq * Tq * D / 4 items)",
+                                      (items + kDecodeMergeThreads - 1) / kDecodeMergeThreads);
   launch_kernel(attention_decode_kernel<Element, kHeadDim>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, params,
                 splits);
   if (splits.num_splits > 1) {
-    const int64_t items = int64_t(params.batch) * params.heads * params.q_len * (params.head_dim / 4);
-    const dim3 merge_grid(unsigned((items + kDecodeMergeThreads - 1) / kDecodeMergeThreads));
     launch_kernel(attention_decode_merge_kernel<Element>, merge_grid, kDecodeMergeThreads, 0, stream, params, splits);
   }
 }

@@ -234,8 +234,9 @@ template <typename Element, int kHeadDim>
 void launch_attention_fwd(const AttentionParams& params, cudaStream_t stream) {
   using Cfg = FwdConfig<Element, kHeadDim>;
   auto kernel = attention_fwd_kernel<Element, kHeadDim>;
-  allow_shared_memory(kernel, Cfg::kSmemBytes);
-  const dim3 grid(params.batch * params.heads, (params.q_len + Cfg::kBlockM - 1) / Cfg::kBlockM);
+  const dim3 grid = launch_grid("the attention forward (B * H, query tiles)", int64_t(params.batch) * params.heads,
+                                (int64_t(params.q_len) + Cfg::kBlockM - 1) / Cfg::kBlockM);
+  allow_shared_memory(kernel, Cfg::kSmemBytes, "the attention forward kernel");
   launch_kernel(kernel, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, params);
 }
 

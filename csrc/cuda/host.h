@@ -82,6 +82,14 @@ inline AttentionParams make_attention_params(const at::Tensor& q, const at::Tens
   return p;
 }
 
+// t contiguous with its first element on a 16-byte boundary, else a contiguous copy (a fresh
+// allocation, aligned): the backward's delta kernel reads the saved out with 16-byte vector loads,
+// and a contiguous view may start anywhere in its storage.
+inline at::Tensor contiguous_aligned(const at::Tensor& t) {
+  if (t.is_contiguous() && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) return t;
+  return t.clone(at::MemoryFormat::Contiguous);
+}
+
 // The backward's extra tensors: grad_out (B, H, Tq, D) with a contiguous last dim; out, the
 // gradients and grad_q_accum (float32) contiguous; lse, delta and grad_lse (B, H, Tq) float32
 // (grad_lse absent when nothing differentiates through lse).
@@ -94,6 +102,7 @@ inline void set_attention_backward_params(AttentionParams& p, const at::Tensor& 
   p.grad_out_row_stride = grad_out.stride(2);
   p.saved_out = out.data_ptr();
   p.saved_lse = lse.data_ptr<float>();
+  p.grad_lse = grad_lse.has_value() ? grad_lse->data_ptr<float>() : nullptr;
   p.delta = delta.data_ptr<float>();
   p.grad_q_accum = grad_q_accum.data_ptr<float>();
   p.grad_q = grad_q.data_ptr(), p.grad_k = grad_k.data_ptr(), p.grad_v = grad_v.data_ptr();
@@ -102,7 +111,6 @@ inline void set_attention_backward_params(AttentionParams& p, const at::Tensor& 
 // ---- layer norm
 
 // x (N, C), weight, bias (C,) contiguous in one dtype -> y (N, C) contiguous, mean, rstd (N,)
-  p.grad_lse = grad_lse.has_value() ? grad_lse->data_ptr<float>() : nullptr;
 // float32, launched on `stream`.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> run_layer_norm_fwd(const at::Tensor& x, const at::Tensor& weight,
                                                                          const at::Tensor& bias, double eps,

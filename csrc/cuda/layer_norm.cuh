@@ -122,16 +122,17 @@ __global__ void __launch_bounds__(kLayerNormThreads, 2) layer_norm_bwd_vector_ke
   __shared__ float scratch[kLayerNormThreads / 32];
   const int part = threadIdx.x % kThreadsPerRow, n_vecs = p.cols / kVec;
 
-  // x, g and w stay packed between the two passes over a row (half the registers of
-  // floats); the dw, db shares are float32.
-  uint4 w_raw[kLayerNormMaxVecs];
+  // x and g stay packed between the two passes over a row (half the registers of floats); the
+  // dw, db shares are float32. w is re-read for every row (it stays in L1): kept in registers too,
+  // it would push the 16-bit kernels past the 128 registers of two blocks per SM, into spills
+  // (tools/gpu_resources.py).
+  const Element* weight = static_cast<const Element*>(p.weight);
   float sums[2][kLayerNormMaxVecs][kVec];  // dw, db
   auto& dw = sums[0];
   auto& db = sums[1];
 #pragma unroll
   for (int j = 0; j < kLayerNormMaxVecs; ++j) {
     const int vec = part + j * kThreadsPerRow;
-    if (vec < n_vecs) w_raw[j] = *reinterpret_cast<const uint4*>(static_cast<const Element*>(p.weight) + vec * kVec);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) dw[j][i] = db[j][i] = 0.0f;
   }
@@ -168,7 +169,7 @@ __global__ void __launch_bounds__(kLayerNormThreads, 2) layer_norm_bwd_vector_ke
         float xs[kVec], g[kVec], w[kVec];
         unpack_vector<Element>(x_raw[j], xs);
         unpack_vector<Element>(g_raw[j], g);
-        unpack_vector<Element>(w_raw[j], w);
+        load_vector(weight + vec * kVec, w);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
           const float xhat = normalised(xs[i], saved_mean, correction, rstd), wg = w[i] * g[i];
@@ -190,7 +191,7 @@ __global__ void __launch_bounds__(kLayerNormThreads, 2) layer_norm_bwd_vector_ke
         float xs[kVec], g[kVec], w[kVec], dx[kVec];
         unpack_vector<Element>(x_raw[j], xs);
         unpack_vector<Element>(g_raw[j], g);
-        unpack_vector<Element>(w_raw[j], w);
+        load_vector(weight + vec * kVec, w);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
           dx[i] = rstd * (w[i] * g[i] - mean_wg - normalised(xs[i], saved_mean, correction, rstd) * mean_wg_xhat);
@@ -297,16 +298,18 @@ void launch_layer_norm_fwd(const LayerNormParams& p, cudaStream_t stream) {
   switch (row_shape<Element>(p)) {
     case RowShape::kWarp: {
       constexpr int kRowsPerBlock = kLayerNormThreads / 32;
-      const auto blocks = unsigned((p.rows + kRowsPerBlock - 1) / kRowsPerBlock);
+      const dim3 blocks = launch_grid("the layer norm forward (blocks of warp rows)",
+                                      (int64_t(p.rows) + kRowsPerBlock - 1) / kRowsPerBlock);
       launch_kernel(layer_norm_fwd_vector_kernel<Element, 32>, blocks, kLayerNormThreads, 0, stream, p);
       break;
     }
     case RowShape::kBlock:
-      launch_kernel(layer_norm_fwd_vector_kernel<Element, kLayerNormThreads>, unsigned(p.rows), kLayerNormThreads, 0,
-                    stream, p);
+      launch_kernel(layer_norm_fwd_vector_kernel<Element, kLayerNormThreads>,
+                    launch_grid("the layer norm forward (rows)", p.rows), kLayerNormThreads, 0, stream, p);
       break;
     case RowShape::kGeneric:
-      launch_kernel(layer_norm_fwd_generic_kernel<Element>, unsigned(p.rows), kLayerNormThreads, 0, stream, p);
+      launch_kernel(layer_norm_fwd_generic_kernel<Element>, launch_grid("the layer norm forward (rows)", p.rows),
+                    kLayerNormThreads, 0, stream, p);
       break;
   }
 }

@@ -1,4 +1,5 @@
-// What the kernels need from the hardware, one thin wrapper each: kernel launches, the
+// What the kernels need from the hardware, one thin wrapper each: kernel launches (their grids and
+// shared-memory opt-in checked against CUDA's limits, with a clear error), the
 // dynamic shared memory array, and the PTX instructions of the attention kernels (sm_80+):
 // cp.async (asynchronous global -> shared copies), ldmatrix, mma.sync m16n8k16. Their data
 // layouts are documented in warp_mma.cuh.
@@ -10,9 +11,32 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "cuda/vector_io.cuh"
+
+namespace fastgpt::cuda {
+
+// CUDA's launch limits: grid.x <= 2^31 - 1 blocks, grid.y and grid.z <= 65535; a block gets more
+// than the default 48 KiB of dynamic shared memory only once its kernel opted in (allow_shared_memory).
+inline constexpr int64_t kMaxGridX = 2147483647, kMaxGridYZ = 65535;
+inline constexpr size_t kDefaultSharedMemoryBytes = 48 * 1024;
+
+// The dim3 of a launch grid of (x, y, z) blocks, checked against CUDA's limits first: a count past
+// them would wrap in the dim3's unsigned fields (too few blocks, silently) or fail the launch.
+// `what` names the kernel and what its grid dims count, for the error.
+inline dim3 launch_grid(const char* what, int64_t x, int64_t y = 1, int64_t z = 1) {
+  if (x > kMaxGridX || y > kMaxGridYZ || z > kMaxGridYZ) {
+    throw std::runtime_error(std::string("fastgpt: the launch grid of ") + what + " would be (" + std::to_string(x) +
+                             ", " + std::to_string(y) + ", " + std::to_string(z) +
+                             ") blocks, past CUDA's limits (x <= 2^31 - 1, y and z <= 65535)");
+  }
+  return dim3(unsigned(x), unsigned(y), unsigned(z));
+}
+
+}  // namespace fastgpt::cuda
 
 #if defined(FASTGPT_EMULATION)
 #include "cuda/emulator/ptx_emulation.h"
@@ -27,10 +51,14 @@ inline void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size
   kernel<<<grid, block, smem_bytes, stream>>>(args...);
 }
 
-// Opts a kernel in to more than the default 48 KiB of dynamic shared memory.
+// Sets the kernel's dynamic shared memory limit to `bytes`: "" on success, else CUDA's reason
+// (the error is cleared, so that it does not surface at a later, unrelated check).
 template <typename... Params>
-inline void allow_shared_memory(void (*kernel)(Params...), size_t bytes) {
-  if (bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+inline std::string set_max_dynamic_shared_memory(void (*kernel)(Params...), size_t bytes) {
+  const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (status == cudaSuccess) return {};
+  (void)cudaGetLastError();
+  return cudaGetErrorString(status);
 }
 
 // The kernel's dynamically sized shared memory (the launch's third <<<>>> argument).
@@ -86,3 +114,22 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 
 }  // namespace fastgpt::cuda
 #endif
+
+namespace fastgpt::cuda {
+
+// Opts `kernel` (`what` names it for the error) in to `bytes` of dynamic shared memory from the
+// default 48 KiB up (CUTLASS's `>=`: a block at exactly the default goes over it with any static
+// shared memory), and fails clearly where the device refuses (an sm_80 block may opt in to at most
+// 163 KiB, an sm_90 one to 227 KiB): the launch would fail with a less telling error.
+template <typename... Params>
+inline void allow_shared_memory(void (*kernel)(Params...), size_t bytes, const char* what) {
+  if (bytes < kDefaultSharedMemoryBytes) return;
+  const std::string error = set_max_dynamic_shared_memory(kernel, bytes);
+  if (!error.empty()) {
+    throw std::runtime_error(std::string("fastgpt: ") + what + " needs " + std::to_string(bytes) +
+                             " bytes of shared memory per block, which this GPU refused to grant "
+                             "(cudaFuncSetAttribute: " + error + ")");
+  }
+}
+
+}  // namespace fastgpt::cuda

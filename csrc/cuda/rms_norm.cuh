@@ -259,15 +259,18 @@ void launch_rms_norm_fwd(const RmsNormParams& p, cudaStream_t stream) {
   switch (row_shape<Element>(p)) {
     case RowShape::kWarp: {
       constexpr int kRowsPerBlock = kNormThreads / 32;
-      const auto blocks = unsigned((p.rows + kRowsPerBlock - 1) / kRowsPerBlock);
+      const dim3 blocks = launch_grid("the RMSNorm forward (blocks of warp rows)",
+                                      (int64_t(p.rows) + kRowsPerBlock - 1) / kRowsPerBlock);
       launch_kernel(rms_norm_fwd_vector_kernel<Element, 32>, blocks, kNormThreads, 0, stream, p);
       break;
     }
     case RowShape::kBlock:
-      launch_kernel(rms_norm_fwd_vector_kernel<Element, kNormThreads>, unsigned(p.rows), kNormThreads, 0, stream, p);
+      launch_kernel(rms_norm_fwd_vector_kernel<Element, kNormThreads>,
+                    launch_grid("the RMSNorm forward (rows)", p.rows), kNormThreads, 0, stream, p);
       break;
     case RowShape::kGeneric:
-      launch_kernel(rms_norm_fwd_generic_kernel<Element>, unsigned(p.rows), kNormThreads, 0, stream, p);
+      launch_kernel(rms_norm_fwd_generic_kernel<Element>, launch_grid("the RMSNorm forward (rows)", p.rows),
+                    kNormThreads, 0, stream, p);
       break;
   }
 }

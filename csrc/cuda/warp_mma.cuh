@@ -119,11 +119,9 @@ __device__ __forceinline__ void store_tile(Tile tile, Element* gmem, int valid_r
 template <typename Element>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   if constexpr (std::is_same_v<Element, __half>) {
-    __half2 packed = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&packed);
+    return bit_copy<uint32_t>(__floats2half2_rn(lo, hi));
   } else {
-    __nv_bfloat162 packed = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&packed);
+    return bit_copy<uint32_t>(__floats2bfloat162_rn(lo, hi));
   }
 }
 

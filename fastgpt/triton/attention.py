@@ -48,7 +48,11 @@ zero and never stored.
 
 Offsets: a tile's first row is widened to int64 before it multiplies a stride (`_advance`), since
 T · stride passes 2^31 on long sequences (T · H · D of a (B, T, H, D) view, or B · H · T · D of
-the contiguous outputs); the offsets inside a tile (at most 128 rows) stay int32.
+the contiguous outputs); the offsets inside a tile (at most MAX_TILE_ROWS = 128 rows, BLOCK_D
+columns) stay int32, as int64 offsets per element would double their registers. The host copies
+the rare view whose in-tile offsets could pass 2^31 (a row or column stride above 2^31 / 128
+elements; the key padding mask's absolute key index, Tk · its stride) to a contiguous tensor
+first (`_launch.int32_tile_offsets`); tests/test_triton.py runs views past 2^31 in the interpreter.
 
 Autotuning (see fastgpt/triton/_launch.py): every kernel is keyed on
 (length bucket of Tq, length bucket of Tk, head dim, causal) plus the dtypes, which
@@ -144,6 +148,9 @@ FWD_INTERPRETER_CONFIG = config(1, 1, BLOCK_M=32, BLOCK_N=16)
 DKDV_INTERPRETER_CONFIG = config(1, 1, BLOCK_M=16, BLOCK_N=32)
 DQ_INTERPRETER_CONFIG = config(1, 1, BLOCK_M=32, BLOCK_N=16)
 DELTA_BLOCK_M = 32 if _launch.INTERPRET else 128
+# The most rows (queries or keys) a tile of any kernel here or in attention_decode.py holds.
+MAX_TILE_ROWS = max(DELTA_BLOCK_M, *(c.kwargs[name] for configs in (FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS)
+                                     for tiles in configs.values() for c in tiles for name in ("BLOCK_M", "BLOCK_N")))
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -616,6 +623,11 @@ _attention_bwd_dq_kernel = _autotune(DQ_CONFIGS, DQ_INTERPRETER_CONFIG)(_attenti
 
 # ----------------------------------------------------------------------------- host side
 
+def _tile_extents(head_dim):
+    """The elements a tile of any kernel spans along the T and D dims of a (B, H, T, D) tensor."""
+    return {2: MAX_TILE_ROWS, 3: triton.next_power_of_2(head_dim)}
+
+
 def _launch_args(op, q, k, v, key_padding_mask, causal, scale, dropout_p, seed, window, softcap):
     """The arguments every attention kernel shares: (pointers, strides, scalars), after the
     `triton` backend's declared capabilities (fastgpt/backends.py) are checked as a safety net."""
@@ -637,6 +649,9 @@ def _launch_args(op, q, k, v, key_padding_mask, causal, scale, dropout_p, seed, 
                          f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
     # bool (B, Tk) read as bytes: Triton loads uint8 more portably than i1.
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else None
+    # In-tile offsets stay int32 (the header): copy the rare views whose tiles would span more.
+    q, k, v = (_launch.int32_tile_offsets(t, _tile_extents(D)) for t in (q, k, v))
+    kpm = _launch.int32_tile_offsets(kpm, {1: Tk})  # its key index is absolute, not in-tile
     kpm_strides = kpm.stride() if kpm is not None else (0, 0)
     pointers = (q, k, v, kpm)
     strides = (*q.stride(), *k.stride(), *v.stride(), *kpm_strides)
@@ -690,24 +705,27 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     torch._check(lse.shape == (B, H, Tq) and lse.dtype == torch.float32 and lse.is_contiguous(),
                  lambda: f"fastgpt::{op}: lse must be contiguous float32 (B, H, Tq) = ({B}, {H}, {Tq}), "
                          f"got {lse.dtype} {tuple(lse.shape)}")
+    torch._check(grad_lse is None or (grad_lse.shape == lse.shape and grad_lse.dtype == torch.float32),
+                 lambda: f"fastgpt::{op}: grad_lse must be float32 (B, H, Tq) = ({B}, {H}, {Tq}) like lse, "
+                         f"got {grad_lse.dtype} {tuple(grad_lse.shape)}")
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)  # (B, H, Tq): rowsum(dO * O)
     grad_q = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)  # (B, H, Tq, D)
     Hkv = k.shape[1]
     grad_k = torch.empty((B, Hkv, Tk, D), dtype=k.dtype, device=q.device)  # (B, Hkv, Tk, D)
     grad_v = torch.empty((B, Hkv, Tk, D), dtype=v.dtype, device=q.device)  # (B, Hkv, Tk, D)
+    grad_out, out = (_launch.int32_tile_offsets(t, _tile_extents(D)) for t in (grad_out, out))
     # Both passes take the same arguments (_attention_bwd_kernel's signature).
     bwd_args = (*pointers, grad_out, lse, delta, grad_q, grad_k, grad_v, *strides, *grad_out.stride())
     with _launch.device_guard(q):
         _attention_bwd_delta_kernel[(triton.cdiv(Tq, DELTA_BLOCK_M), B * H)](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), H, Tq, HEAD_DIM=D,
             BLOCK_D=scalars["BLOCK_D"], BLOCK_M=DELTA_BLOCK_M)
+        if grad_lse is not None:  # d lse_i / d s_ij = P_ij: lse's gradient enters dS = P ∘ (dP - delta) here
+            delta.sub_(grad_lse)
         _attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
             *bwd_args, sm_scale=scale, DQ_PASS=False, **scalars)
         _attention_bwd_dq_kernel[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
             *bwd_args, sm_scale=scale, DQ_PASS=True, **scalars)
-    torch._check(grad_lse is None or (grad_lse.shape == lse.shape and grad_lse.dtype == torch.float32),
-                 lambda: f"fastgpt::{op}: grad_lse must be float32 (B, H, Tq) = ({B}, {H}, {Tq}) like lse, "
-                         f"got {grad_lse.dtype} {tuple(grad_lse.shape)}")
     return grad_q, grad_k, grad_v
 
 

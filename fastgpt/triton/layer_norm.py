@@ -29,7 +29,8 @@ to BLOCK_R · BLOCK_C <= 8192 elements per program (BLOCK_R rows at a time):
 The group-sum kernel is fixed (64 groups x 64 columns per step). Under TRITON_INTERPRET=1:
 BLOCK_R = 16, and 4 row groups in the backward.
 
-Inputs may have any strides (x is a (N, C) view); y, dx are contiguous (N, C).
+Inputs may have any strides (x is a (N, C) view); y, dx are contiguous (N, C). Row offsets are
+int64; column offsets int32, after the host copied a view whose C · column stride passes 2^31.
 """
 import functools
 
@@ -159,6 +160,13 @@ def row_groups(N: int, device: torch.device) -> tuple[int, int]:
     return rows_per_group, triton.cdiv(N, rows_per_group)
 
 
+def int32_columns(C: int, *tensors):
+    """The tensors ((N, C) rows or (C,) weights, None passes through), each copied if its column
+    offsets cols · stride could pass int32: the kernels widen the row index to int64, not the
+    column index (`_launch.int32_tile_offsets`)."""
+    return tuple(_launch.int32_tile_offsets(t, {t.dim() - 1: C} if t is not None else {}) for t in tensors)
+
+
 def _block_c(op: str, C: int) -> int:
     torch._check(C <= MAX_C, lambda: f"fastgpt::{op}: C must be at most {MAX_C} (a row is kept in registers), "
                                      f"got {C}")
@@ -176,6 +184,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     torch._check(weight.shape == (C,) and bias.shape == (C,),
                  lambda: f"fastgpt::{op}: weight and bias must have shape (C,) = ({C},), "
                          f"got {tuple(weight.shape)} and {tuple(bias.shape)}")
+    x, weight, bias = int32_columns(C, x, weight, bias)
     y = torch.empty((N, C), dtype=x.dtype, device=x.device)  # (N, C)
     mean = torch.empty((N,), dtype=torch.float32, device=x.device)  # (N,)
     rstd = torch.empty((N,), dtype=torch.float32, device=x.device)  # (N,)
@@ -200,6 +209,7 @@ def layer_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     torch._check(all(t.shape == (N,) and t.dtype == torch.float32 and t.is_contiguous() for t in (mean, rstd)),
                  lambda: f"fastgpt::{op}: mean and rstd must be contiguous float32 (N,) = ({N},), "
                          f"got {mean.dtype} {tuple(mean.shape)} and {rstd.dtype} {tuple(rstd.shape)}")
+    grad_y, x, weight = int32_columns(C, grad_y, x, weight)
     rows_per_group, num_groups = row_groups(N, x.device)
     grad_x = torch.empty((N, C), dtype=x.dtype, device=x.device)  # (N, C)
     dw_partial = torch.empty((num_groups, C), dtype=torch.float32, device=x.device)  # (num_groups, C)

@@ -32,7 +32,8 @@ import triton.language as tl
 
 from .. import _registration
 from . import _launch
-from .layer_norm import BWD_CONFIGS, FWD_CONFIGS, INTERPRETER_CONFIG, _block_c, _prune_to_width, row_groups
+from .layer_norm import (BWD_CONFIGS, FWD_CONFIGS, INTERPRETER_CONFIG, _block_c, _prune_to_width, int32_columns,
+                         row_groups)
 
 
 @_launch.autotune(FWD_CONFIGS, INTERPRETER_CONFIG, key=["C", "HAS_RESIDUAL", "HAS_WEIGHT"], prune=_prune_to_width)
@@ -115,6 +116,7 @@ def _forward(op: str, x: torch.Tensor, residual: Optional[torch.Tensor], weight:
     _check_inputs(op, x, weight)
     torch._check(residual is None or residual.shape == (N, C),
                  lambda: f"fastgpt::{op}: residual must have the shape of x ({N}, {C}), got {tuple(residual.shape)}")
+    x, residual, weight = int32_columns(C, x, residual, weight)
     y = torch.empty((N, C), dtype=x.dtype, device=x.device)  # (N, C)
     total = torch.empty((N, C), dtype=x.dtype, device=x.device) if residual is not None else x  # (N, C)
     rstd = torch.empty((N,), dtype=torch.float32, device=x.device)  # (N,)
@@ -156,6 +158,7 @@ def rms_norm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[torch.T
     torch._check(rstd.shape == (N,) and rstd.dtype == torch.float32 and rstd.is_contiguous(),
                  lambda: f"fastgpt::{op}: rstd must be contiguous float32 (N,) = ({N},), "
                          f"got {rstd.dtype} {tuple(rstd.shape)}")
+    grad_y, x, weight = int32_columns(C, grad_y, x, weight)
     rows_per_group, num_groups = row_groups(N, x.device)
     grad_x = torch.empty((N, C), dtype=x.dtype, device=x.device)  # (N, C)
     has_weight = weight is not None

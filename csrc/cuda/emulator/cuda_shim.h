@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -79,6 +80,10 @@ struct Runtime {
   uint64_t progress = 0;
   bool reverse_order = false;         // scheduling order of the fibers
   bool copy_at_wait = false;          // cp.async data lands at the wait (true) or at issue (false)
+  // The emulated device's shared-memory opt-in: the most a block may opt in to (an sm_90 block's by
+  // default; tests lower it), and what each kernel (by address) opted in to so far.
+  size_t max_shared_memory_per_block = 227 * 1024;
+  std::map<const void*, size_t> shared_memory_opt_in;
   std::string error;
 };
 
@@ -125,6 +130,9 @@ inline void launch(dim3 grid, dim3 block, size_t dynamic_smem_bytes, std::functi
   const int threads = int(block.x * block.y * block.z);
   if (block.y != 1 || block.z != 1 || threads % 32 != 0) {
     throw std::runtime_error("emulator: 1-D blocks of whole warps only");
+  }
+  if (grid.x > 2147483647u || grid.y > 65535u || grid.z > 65535u) {  // a GPU refuses such a launch too
+    throw std::runtime_error("emulator: invalid configuration argument (a grid past CUDA's limits)");
   }
   rt.kernel = std::move(kernel);
   rt.grid_dim = {grid.x, grid.y, grid.z};

@@ -114,7 +114,8 @@ std::vector<at::Tensor> attention_bwd(const at::Tensor& grad_out_in, const at::T
                                       bool copy_at_wait,
                                       const std::optional<at::Tensor>& grad_lse_in) {
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
-  const at::Tensor grad_out = kernel_layout(grad_out_in), out = out_in.contiguous(), lse = lse_in.contiguous();
+  const at::Tensor grad_out = kernel_layout(grad_out_in), out = contiguous_aligned(out_in),
+                   lse = lse_in.contiguous();
   std::optional<at::Tensor> mask;
   if (mask_in.has_value()) mask = mask_in->contiguous();
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
@@ -179,6 +180,92 @@ std::vector<int64_t> attention_head_dims() {
 // attention.h's kDecodeMaxQueries (tests/test_cuda.py compares it with fastgpt/backends.py).
 int64_t decode_max_queries() { return kDecodeMaxQueries; }
 
+// The launchers' grid check (ptx.cuh): the (x, y, z) of the dim3, or its error.
+std::vector<int64_t> launch_grid_of(int64_t x, int64_t y, int64_t z) {
+  const dim3 grid = launch_grid("a test grid", x, y, z);
+  return {grid.x, grid.y, grid.z};
+}
+
+// ---- fragment maps (ptx_emulation.h), for tests/test_cuda.py to check against CuTe's layouts
+
+// Every entry of the emulator's maps: "mma_a", "mma_b" rows (lane, register, half, row, col), "mma_c"
+// (lane, register, row, col), "ldmatrix" and "ldmatrix_trans" (lane, register, half, block, row, col).
+std::map<std::string, std::vector<std::vector<int64_t>>> fragment_maps() {
+  std::map<std::string, std::vector<std::vector<int64_t>>> maps;
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int reg = 0; reg < 4; ++reg) {
+      const emulation::Element2 c = emulation::mma_c_element(lane, reg);
+      maps["mma_c"].push_back({lane, reg, c.row, c.col});
+      for (int half = 0; half < 2; ++half) {
+        const emulation::Element2 a = emulation::mma_a_element(lane, reg, half);
+        maps["mma_a"].push_back({lane, reg, half, a.row, a.col});
+        if (reg < 2) {
+          const emulation::Element2 b = emulation::mma_b_element(lane, reg, half);
+          maps["mma_b"].push_back({lane, reg, half, b.row, b.col});
+        }
+        for (const bool transpose : {false, true}) {
+          const emulation::BlockElement e = emulation::ldmatrix_element(transpose, lane, reg, half);
+          maps[transpose ? "ldmatrix_trans" : "ldmatrix"].push_back({lane, reg, half, e.block, e.row, e.col});
+        }
+      }
+    }
+  }
+  return maps;
+}
+
+// One warp's mma.m16n8k16 (float16 or bfloat16 inputs, float32 accumulators) on the emulator: a (32, 4),
+// b (32, 2) int64 registers (32-bit patterns), c (32, 4) float32 -> d (32, 4) float32, per lane.
+at::Tensor run_mma(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool bfloat16) {
+  at::Tensor d = at::empty({32, 4}, c.options());
+  const auto a_ = a.accessor<int64_t, 2>(), b_ = b.accessor<int64_t, 2>();
+  const auto c_ = c.accessor<float, 2>();
+  auto d_ = d.accessor<float, 2>();
+  fastgpt_emu::launch(dim3(1), dim3(32), 0, [&] {
+    const int lane = int(threadIdx.x);
+    uint32_t fragment[4];
+    float acc[4];
+    for (int r = 0; r < 4; ++r) fragment[r] = uint32_t(a_[lane][r]), acc[r] = c_[lane][r];
+    if (bfloat16) {
+      mma_16816<__nv_bfloat16>(acc, fragment, uint32_t(b_[lane][0]), uint32_t(b_[lane][1]));
+    } else {
+      mma_16816<__half>(acc, fragment, uint32_t(b_[lane][0]), uint32_t(b_[lane][1]));
+    }
+    for (int r = 0; r < 4; ++r) d_[lane][r] = acc[r];
+  });
+  return d;
+}
+
+// One warp's ldmatrix .x4 (.trans) on the emulator: rows (32, 8) int64 16-bit patterns, row l of
+// shared memory (block l / 8, row l % 8) pointed to by lane l -> (32, 4) int64 registers per lane.
+at::Tensor run_ldmatrix(const at::Tensor& rows, bool transpose) {
+  at::Tensor out = at::empty({32, 4}, rows.options());
+  const auto rows_ = rows.accessor<int64_t, 2>();
+  auto out_ = out.accessor<int64_t, 2>();
+  fastgpt_emu::launch(dim3(1), dim3(32), 32 * 16, [&] {
+    const int lane = int(threadIdx.x);
+    auto* row = reinterpret_cast<uint16_t*>(dynamic_smem() + 16 * lane);
+    for (int col = 0; col < 8; ++col) row[col] = uint16_t(rows_[lane][col]);
+    __syncthreads();
+    uint32_t r[4];
+    if (transpose) {
+      ldmatrix_x4_trans(r, row);
+    } else {
+      ldmatrix_x4(r, row);
+    }
+    for (int i = 0; i < 4; ++i) out_[lane][i] = r[i];
+  });
+  return out;
+}
+
+// Sets the most dynamic shared memory a block of the emulated device may opt in to (an sm_90
+// block's 227 KiB unless a test lowers it); returns the previous limit.
+int64_t set_shared_memory_limit(int64_t bytes) {
+  auto& rt = fastgpt_emu::runtime();
+  const int64_t previous = int64_t(rt.max_shared_memory_per_block);
+  rt.max_shared_memory_per_block = size_t(bytes);
+  return previous;
+}
+
 }  // namespace
 }  // namespace fastgpt::cuda
 
@@ -192,6 +279,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_decode_fwd", &fastgpt::cuda::attention_decode_fwd);
   m.def("attention_decode_plan", &fastgpt::cuda::attention_decode_plan);
   m.def("decode_max_queries", &fastgpt::cuda::decode_max_queries);
+  m.def("launch_grid", &fastgpt::cuda::launch_grid_of);
+  m.def("fragment_maps", &fastgpt::cuda::fragment_maps);
+  m.def("run_mma", &fastgpt::cuda::run_mma);
+  m.def("run_ldmatrix", &fastgpt::cuda::run_ldmatrix);
+  m.def("set_shared_memory_limit", &fastgpt::cuda::set_shared_memory_limit);
   m.def("layer_norm_fwd", &fastgpt::cuda::layer_norm_fwd);
   m.def("layer_norm_bwd", &fastgpt::cuda::layer_norm_bwd);
   m.def("rms_norm_fwd", &fastgpt::cuda::rms_norm_fwd);
