@@ -38,8 +38,9 @@ def attention_case(B, H, Tq, Tk, D, dtype, causal, masked, dropout_p, failures):
         mask = torch.rand(B, Tk, generator=gen).to("cuda") > 0.3
         mask[0] = False
     scale, seed = D ** -0.5, 7
-    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, causal, scale, dropout_p, seed)
-    grads = torch.ops.fastgpt.attention_bwd(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed)
+    out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, causal, scale, dropout_p, seed, 0, 0.0)
+    grads = torch.ops.fastgpt.attention_bwd(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed,
+                                            0, 0.0)
     torch.cuda.synchronize()
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     want = reference.attention(*leaves, causal, mask, dropout_p, scale, seed)
