@@ -50,12 +50,15 @@ layers) on shards: see ContextParallel.
 from __future__ import annotations
 
 import math
+import socket
 import struct
+import time
 from contextlib import contextmanager
 from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from . import backends, ops
@@ -467,6 +470,24 @@ def mean_over_ranks(value: torch.Tensor, group=None) -> torch.Tensor:
     total = value.detach().clone()
     dist.all_reduce(total, group=group)
     return total / world
+
+
+def spawn_local_group(fn, world: int, args: tuple, timeout_s: float) -> bool:
+    """Runs fn(rank, world, port, *args) in `world` spawned processes on this machine, port a free
+    localhost port for their process group's rendezvous (MASTER_PORT). Waits at most timeout_s:
+    True when every process finished, False when some did not (they are killed). A process that
+    raises re-raises here (torch.multiprocessing's ProcessRaisedException). For tests and benchmarks."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.start_processes(fn, args=(world, port, *args), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            return False
+    return True
 
 
 __all__ = ["shard", "unshard", "ring_attention", "context_parallel", "ContextParallel", "mean_over_ranks",

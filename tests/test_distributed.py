@@ -10,15 +10,12 @@ gradients.
 """
 import json
 import os
-import socket
-import time
 import traceback
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fastgpt
@@ -239,26 +236,12 @@ CASES = {name: case for name, case in globals().items() if name.startswith("case
 
 # ---- the harness ------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(worker, world: int, out_dir: str, timeout_s: float, *args) -> list[dict]:
     """Runs worker(rank, world, out_dir, *args) in `world` spawned processes that share a gloo group
     on localhost (torchrun's environment variables set) and returns what each wrote to
     out_dir/rank<r>.json. Processes still running after timeout_s are killed: their file says
     how far they got."""
-    port = _free_port()
-    context = mp.start_processes(_with_process_group, args=(world, port, out_dir, worker, args), nprocs=world,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                process.kill()
-            break
+    distributed.spawn_local_group(_with_process_group, world, (out_dir, worker, args), timeout_s)
     reports = []
     for rank in range(world):
         path = os.path.join(out_dir, f"rank{rank}.json")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from datetime import timedelta
@@ -28,11 +27,10 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastgpt
 from fastgpt.bench import common
-from fastgpt.distributed import ring_attention
+from fastgpt.distributed import ring_attention, spawn_local_group
 
 WORLD_SIZES = (1, 2, 4)
 LENGTHS = (2048, 4096, 8192, 16384)
@@ -98,23 +96,11 @@ def _rank_main(rank: int, world: int, port: int, settings: dict, out_path: str) 
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure_world(world: int, settings: dict, out_dir: str, timeout_s: float) -> list[dict]:
     """The rows of `world` spawned processes (killed after timeout_s)."""
     out_path = os.path.join(out_dir, f"world{world}.json")
-    context = mp.start_processes(_rank_main, args=(world, _free_port(), settings, out_path), nprocs=world,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                process.kill()
-            raise SystemExit(f"fastgpt bench context-parallel: {world} processes did not finish in {timeout_s:.0f} s")
+    if not spawn_local_group(_rank_main, world, (settings, out_path), timeout_s):
+        raise SystemExit(f"fastgpt bench context-parallel: {world} processes did not finish in {timeout_s:.0f} s")
     with open(out_path) as f:
         return json.load(f)
 
