@@ -44,6 +44,21 @@ def oracle_grads(q, k, v, grad_out, causal, mask=None, dropout_p=0.0, scale=None
     return torch.autograd.grad(out, leaves, grad_out.to(dtype))
 
 
+def saved_output_grads(q, k, v, grad_out, out, causal, mask=None, dropout_p=0.0, scale=None, seed=0, window=None,
+                       softcap=None):
+    """float64 (dq, dk, dv) that a fused backward must give for its inputs, the saved `out` in
+    q's dtype among them. Its delta = rowsum(dO ∘ out) (as FlashAttention's) differs from the
+    exact rowsum(dO ∘ O) by c = rowsum(dO ∘ (O - out)); since d lse / d S = P, the gradients are
+    the oracle's plus those of Σ c · lse (dv unchanged). In bfloat16 with a few keys per query c
+    costs a few ulp more than the naive attention's own error."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = reference.attention(*leaves, causal, mask, dropout_p, scale, seed, window, softcap)
+    lse = reference.attention_lse(leaves[0], leaves[1], causal, mask, scale, window, softcap)
+    c = (grad_out.double() * (exact.detach() - out.detach().double())).sum(-1)
+    lse_term = torch.where(torch.isfinite(lse), lse * c, torch.zeros_like(lse))  # no key: c = 0
+    return torch.autograd.grad((exact * grad_out.double()).sum() + lse_term.sum(), leaves)
+
+
 def check_grads(backend, q, k, v, causal, mask=None, dropout_p=0.0, scale=None, manual_seed=0, window=None,
                 softcap=None):
     """Gradients of the backend (public API, autograd) against the float64 oracle."""
@@ -449,19 +464,27 @@ def test_cpu_property_random_shapes(B, Hkv, group, Tq, Tk, D, causal, masked, wi
        scale=st.floats(-1.0, 1.0), mask_seed=st.integers(0, 2**16))
 def test_cpu_bfloat16_prefill_random_shapes(B, Hkv, group, Tq, Tk, D, causal, masked, window, softcap, dropout_p,
                                             scale, mask_seed):
-    """The bfloat16 prefill forward (bf16 dot products where the CPU has them: pairs of head dims,
-    key ranges widened to whole key pairs at any offset) against the oracle, within the error
-    of the naive attention in bfloat16, and lse within float32's: several key tiles, odd D and
-    odd key offsets (windows, Tq != Tk, causal blocks)."""
+    """The bfloat16 prefill forward and backward (bf16 dot products where the CPU has them: pairs
+    of head dims, of queries and of keys, key ranges widened to whole key pairs at any offset)
+    against the oracle (the gradients: for the saved bfloat16 output, saved_output_grads), within
+    the error of the naive attention in bfloat16, and lse within float32's: several key tiles,
+    odd D, odd query and key counts and offsets (windows, Tq != Tk, causal blocks)."""
     q, _, _ = make_qkv(B, Hkv * group, Tq, Tk, D, dtype=torch.bfloat16, generator_seed=mask_seed)
     _, k, v = make_qkv(B, Hkv, Tq, Tk, D, dtype=torch.bfloat16, generator_seed=mask_seed + 1)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     mask = (torch.rand(B, Tk, generator=torch.Generator().manual_seed(mask_seed)) > 0.4) if masked else None
     out, lse = torch.ops.fastgpt.attention_fwd(q, k, v, mask, causal, scale, dropout_p, mask_seed, window or 0,
                                                softcap or 0.0)
     options = dict(window=window, softcap=softcap)
     oracle, same = attention_oracle(q, k, v, causal, mask, dropout_p, scale, mask_seed, **options)
-    assert_close(out, oracle, same)
+    assert_close(out.detach(), oracle, same)
     assert_lse_matches(lse, reference.attention_lse(q.double(), k.double(), causal, mask, scale, **options))
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(mask_seed + 2)).bfloat16()
+    got = torch.autograd.grad(out, (q, k, v), grad_out)
+    want = saved_output_grads(q, k, v, grad_out, out, causal, mask, dropout_p, scale, mask_seed, **options)
+    same = oracle_grads(q, k, v, grad_out, causal, mask, dropout_p, scale, mask_seed, dtype=torch.bfloat16, **options)
+    for name, g, w, s in zip(("dq", "dk", "dv"), got, want, same):
+        assert_close(g, w, s, what=name)
 
 
 # ---- memory: nothing of size Tq x Tk ------------------------------------------------------

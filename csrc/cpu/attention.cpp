@@ -59,11 +59,11 @@
 // None of it costs the plain path: the window's bounds reduce to the causal ones, and the
 // backward's softcap is a template flag.
 //
-// bfloat16 forward on CPUs with AVX-512 BF16 (the avx512 level, checked at run time): both
-// products run as bf16 dot products (csrc/cpu/bf16_dot.h: two multiply-adds per float32 lane
-// and instruction) on q, k, v as they are, with float32 scores, softmax state and output
-// accumulators; P is rounded to bfloat16 for P·V. Elsewhere bfloat16 is converted to float32.
-// The backward always runs in float32.
+// bfloat16 on CPUs with AVX-512 BF16 (the avx512 level, checked at run time): every product
+// runs as bf16 dot products (csrc/cpu/bf16_dot.h: two multiply-adds per float32 lane and
+// instruction) on q, k, v, dO as they are, with float32 scores, softmax state, accumulators and
+// gradients; the forward rounds P to bfloat16 for P·V, the backward P ∘ Z for dV and dS for dK
+// and dQ (as FlashAttention does on GPUs). Elsewhere bfloat16 is converted to float32.
 //
 // Every matrix product is the same register-blocked micro-kernel (micro_gemm): a block of
 // kMicroRows x (kMicroVecs vectors) of the result stays in registers while the reduction
@@ -80,6 +80,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <type_traits>
@@ -211,8 +212,8 @@ void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t r
 
       // tile (span, W) = k · qT, scaled to base 2
       if constexpr (kDot)
-        dot_pairs<false>(span, Dh, s.k_words.data() + (kb - lead - k0) * Dh, Dh, s.q_words.data() + block * Dh * W,
-                         W, tile, W, q_scale);
+        dot_pairs<false>(span, W, Dh, s.k_words.data() + (kb - lead - k0) * Dh, Dh, 1,
+                         s.q_words.data() + block * Dh * W, W, tile, W, q_scale);
       else
         gemm<acc_t, false>(keys, W, D, k_tile + (kb - k0) * D, D, 1, s.qT.data() + block * D * W, W, sT, W);
 
@@ -279,9 +280,9 @@ void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t r
 
       // oT (D, W) += vᵀ · P: row d of the product broadcasts v[j, d] (a pair of keys with kDot).
       if constexpr (kDot) {
-        pack_row_pairs(tile, span, s.p_words.data());
-        dot_pairs<true>(D, span / 2, s.v_words.data() + (kb - lead - k0) / 2, kVPairs, s.p_words.data(), W, oT, W,
-                        1.f);
+        pack_row_pairs(tile, span, W, s.p_words.data());
+        dot_pairs<true>(D, W, span / 2, s.v_words.data() + (kb - lead - k0) / 2, kVPairs, 1, s.p_words.data(), W,
+                        oT, W, 1.f);
       } else {
         gemm<acc_t, true>(D, W, keys, v_tile + (kb - k0) * D, 1, D, sT, W, oT, W);
       }
@@ -314,18 +315,49 @@ void forward(const Problem<scalar_t>& pb, scalar_t* out, float* lse) {
 
 // ---- backward ---------------------------------------------------------------------------
 
+// kDot (bfloat16 through bf16 dot products, bf16_dot.h): every product's reduction runs over
+// pairs packed in words: head dims for S = q kᵀ and dP = dO vᵀ (q_words, do_words (rows, Dh);
+// kT_words, vT_words (Dh, kBwdKeys)), queries for dVᵀ += dOᵀ (P ∘ Z) and dKᵀ += qᵀ dS (q_pairs,
+// do_pairs (rows / 2, D); pz_pairs, ds_pairs (rows / 2, kBwdKeys): P ∘ Z and dS rounded to
+// bfloat16), keys for dQ = dS k (ds_words (rows, kBwdKeys / 2); k_pairs (kBwdKeys / 2, Dp)).
+// dK and dV are accumulated transposed, (D, kBwdKeys) with the keys in lanes like S.
 template <typename acc_t>
 struct BackwardScratch {
-  int64_t Dp;  // D padded to whole micro-kernel column blocks
+  int64_t Dp;  // D padded to whole micro-kernel (kDot: dot block) column blocks
+  int64_t Dh;  // words of head-dim pairs, ceil(D / 2)
   std::vector<acc_t> kT, vT, k_rows, key_bias, dk, dv, q_rows, do_rows, lse2, p, z, pz, ds, dq,
       cap;
-  BackwardScratch(int64_t D)
-      : Dp(round_up(D, kGemmCols<acc_t>)), kT(D * kBwdKeys), vT(D * kBwdKeys),
-        k_rows(kBwdKeys * Dp), key_bias(kBwdKeys), dk(kBwdKeys * Dp), dv(kBwdKeys * Dp),
-        q_rows(kBwdQueries * Dp), do_rows(kBwdQueries * Dp), lse2(kBwdQueries),
+  std::vector<uint32_t> kT_words, vT_words, k_pairs, q_words, do_words, q_pairs, do_pairs, pz_pairs, ds_pairs,
+      ds_words;
+  BackwardScratch(int64_t D, bool dot)
+      : Dp(round_up(D, dot ? kDotLanes : kGemmCols<acc_t>)), Dh((D + 1) / 2), kT(dot ? 0 : D * kBwdKeys),
+        vT(dot ? 0 : D * kBwdKeys), k_rows(dot ? 0 : kBwdKeys * Dp), key_bias(kBwdKeys),
+        dk(dot ? D * kBwdKeys : kBwdKeys * Dp), dv(dot ? D * kBwdKeys : kBwdKeys * Dp),
+        q_rows(dot ? 0 : kBwdQueries * Dp), do_rows(dot ? 0 : kBwdQueries * Dp), lse2(kBwdQueries),
         p(kBwdQueries * kBwdKeys), z(kBwdQueries * kBwdKeys), pz(kBwdQueries * kBwdKeys),
-        ds(kBwdQueries * kBwdKeys), dq(kBwdQueries * Dp), cap(kBwdQueries * kBwdKeys) {}
+        ds(kBwdQueries * kBwdKeys), dq(kBwdQueries * Dp), cap(kBwdQueries * kBwdKeys),
+        kT_words(dot ? Dh * kBwdKeys : 0), vT_words(dot ? Dh * kBwdKeys : 0), k_pairs(dot ? kBwdKeys / 2 * Dp : 0),
+        q_words(dot ? kBwdQueries * Dh : 0), do_words(dot ? kBwdQueries * Dh : 0),
+        q_pairs(dot ? kBwdQueries / 2 * D : 0), do_pairs(dot ? kBwdQueries / 2 * D : 0),
+        pz_pairs(dot ? kBwdQueries / 2 * kBwdKeys : 0), ds_pairs(dot ? kBwdQueries / 2 * kBwdKeys : 0),
+        ds_words(dot ? kBwdQueries * kBwdKeys / 2 : 0) {}
 };
+
+// Rows x (rows, D) of bfloat16 as words of head-dim pairs (rows, Dh): a row already is its
+// words, but for the zero that pads an odd D.
+inline void pack_dim_pairs(const c10::BFloat16* x, int64_t rows, int64_t D, int64_t Dh, uint32_t* words) {
+  for (int64_t i = 0; i < rows; ++i) {
+    std::memcpy(words + i * Dh, x + i * D, D * sizeof(c10::BFloat16));
+    if (D % 2 == 1) words[i * Dh + Dh - 1] &= 0xffffu;
+  }
+}
+
+// Rows x (rows, D) of bfloat16 as words of row pairs (ceil(rows / 2), D), row stride ld: word
+// (u, d) holds x[2u, d] and x[2u + 1, d] (zero past the last row).
+inline void pack_rows_in_pairs(const c10::BFloat16* x, int64_t rows, int64_t D, int64_t ld, uint32_t* words) {
+  for (int64_t u = 0; u < (rows + 1) / 2; ++u)
+    interleave_rows(x + 2 * u * D, 2 * u + 1 < rows ? x + (2 * u + 1) * D : nullptr, D, words + u * ld);
+}
 
 // Tensors of the backward beyond the problem (contiguous):
 //   grad_out, out (B, H, Tq, D); lse (B, H, Tq) float32; delta (B, H, Tq) = rowsum(dO ∘ O);
@@ -343,8 +375,9 @@ struct Gradients {
 // Keys [k0, k0 + keys) of kv head bkv = b * Hkv + kv head: their dK, dV rows, summed over the
 // query heads of the group that read this kv head (in head order, inside this one task: the
 // sum is deterministic), and their dS k terms added to dq (B, H, Tq, D), one key group's buffer.
-// kSoftcap is a template flag so that the path without a cap has no trace of it.
-template <bool kSoftcap, typename scalar_t, typename acc_t>
+// kSoftcap is a template flag so that the path without a cap has no trace of it; kDot: the
+// products through bf16 dot products (see BackwardScratch).
+template <bool kSoftcap, bool kDot, typename scalar_t, typename acc_t>
 void backward_key_tile(const Problem<scalar_t>& pb, const Gradients<scalar_t, acc_t>& g,
                        int64_t bkv, int64_t k0, int64_t keys, BackwardScratch<acc_t>& s,
                        acc_t* dq_heads) {
@@ -355,15 +388,30 @@ void backward_key_tile(const Problem<scalar_t>& pb, const Gradients<scalar_t, ac
   const scalar_t* k = pb.k + (bkv * Tk + k0) * D;
   const scalar_t* v = pb.v + (bkv * Tk + k0) * D;
 
-  // kT, vT (D, kBwdKeys): the keys in lanes; lanes >= keys are 0 and masked by key_bias.
-  std::fill(s.kT.begin(), s.kT.end(), acc_t(0));
-  std::fill(s.vT.begin(), s.vT.end(), acc_t(0));
-  for (int64_t j = 0; j < keys; ++j)
-    for (int64_t d = 0; d < D; ++d) {
-      s.kT[d * kBwdKeys + j] = static_cast<acc_t>(k[j * D + d]);
-      s.vT[d * kBwdKeys + j] = static_cast<acc_t>(v[j * D + d]);
-    }
-  const acc_t* k_rows = rows_as<acc_t>(k, keys, D, Dp, s.k_rows.data());  // (keys, Dp)
+  // kT, vT (D, kBwdKeys): the keys in lanes; lanes >= keys are 0 and masked by key_bias
+  // (kDot: kT_words, vT_words (Dh, kBwdKeys) and k_pairs (kBwdKeys / 2, Dp), zero-padded).
+  const acc_t* k_rows = nullptr;
+  if constexpr (kDot) {
+    const int64_t Dh = s.Dh;
+    std::fill(s.kT_words.begin(), s.kT_words.end(), 0u);
+    std::fill(s.vT_words.begin(), s.vT_words.end(), 0u);
+    std::fill(s.k_pairs.begin(), s.k_pairs.end(), 0u);
+    for (int64_t j = 0; j < keys; ++j)
+      for (int64_t t = 0; t < Dh; ++t) {
+        s.kT_words[t * kBwdKeys + j] = dim_pair(k + j * D, t, D);
+        s.vT_words[t * kBwdKeys + j] = dim_pair(v + j * D, t, D);
+      }
+    pack_rows_in_pairs(k, keys, D, Dp, s.k_pairs.data());
+  } else {
+    std::fill(s.kT.begin(), s.kT.end(), acc_t(0));
+    std::fill(s.vT.begin(), s.vT.end(), acc_t(0));
+    for (int64_t j = 0; j < keys; ++j)
+      for (int64_t d = 0; d < D; ++d) {
+        s.kT[d * kBwdKeys + j] = static_cast<acc_t>(k[j * D + d]);
+        s.vT[d * kBwdKeys + j] = static_cast<acc_t>(v[j * D + d]);
+      }
+    k_rows = rows_as<acc_t>(k, keys, D, Dp, s.k_rows.data());  // (keys, Dp)
+  }
   // key_bias (kBwdKeys): 0 for a visible key, -inf for a padded one or a lane past the tile.
   bool any_hidden_key = keys < kBwdKeys;
   for (int64_t j = 0; j < kBwdKeys; ++j) {
@@ -371,8 +419,8 @@ void backward_key_tile(const Problem<scalar_t>& pb, const Gradients<scalar_t, ac
     s.key_bias[j] = visible ? acc_t(0) : -kInf<acc_t>;
     any_hidden_key |= !visible;
   }
-  std::fill(s.dk.begin(), s.dk.end(), acc_t(0));  // (kBwdKeys, Dp)
-  std::fill(s.dv.begin(), s.dv.end(), acc_t(0));  // (kBwdKeys, Dp)
+  std::fill(s.dk.begin(), s.dk.end(), acc_t(0));  // (kBwdKeys, Dp); kDot: (D, kBwdKeys)
+  std::fill(s.dv.begin(), s.dv.end(), acc_t(0));
 
   const acc_t score_scale = static_cast<acc_t>(pb.scale * kLog2e);
   const acc_t grad_scale = static_cast<acc_t>(pb.scale);
@@ -388,9 +436,18 @@ void backward_key_tile(const Problem<scalar_t>& pb, const Gradients<scalar_t, ac
     acc_t* dq = dq_heads + bh * Tq * D;  // (Tq, D)
     for (int64_t q0 = query_begin; q0 < query_end; q0 += kBwdQueries) {
       const int64_t rows = std::min(kBwdQueries, query_end - q0);
-      // q_rows, do_rows (rows, Dp)
-      const acc_t* q_rows = rows_as<acc_t>(q + q0 * D, rows, D, Dp, s.q_rows.data());
-      const acc_t* do_rows = rows_as<acc_t>(grad_out + q0 * D, rows, D, Dp, s.do_rows.data());
+      // q_rows, do_rows (rows, Dp); kDot: their words in pairs of head dims and of rows.
+      const acc_t* q_rows = nullptr;
+      const acc_t* do_rows = nullptr;
+      if constexpr (kDot) {
+        pack_dim_pairs(q + q0 * D, rows, D, s.Dh, s.q_words.data());
+        pack_dim_pairs(grad_out + q0 * D, rows, D, s.Dh, s.do_words.data());
+        pack_rows_in_pairs(q + q0 * D, rows, D, D, s.q_pairs.data());
+        pack_rows_in_pairs(grad_out + q0 * D, rows, D, D, s.do_pairs.data());
+      } else {
+        q_rows = rows_as<acc_t>(q + q0 * D, rows, D, Dp, s.q_rows.data());
+        do_rows = rows_as<acc_t>(grad_out + q0 * D, rows, D, Dp, s.do_rows.data());
+      }
       const acc_t* delta = g.delta + bh * Tq + q0;
       for (int64_t i = 0; i < rows; ++i) {
         // A query that sees no key (lse = -inf) has P = 0: 2^(S - +inf) = 0.
@@ -400,7 +457,11 @@ void backward_key_tile(const Problem<scalar_t>& pb, const Gradients<scalar_t, ac
 
       // p (rows, kBwdKeys) = q_rows · kT, then P = 2^(S · scale · log2 e - lse · log2 e).
       acc_t* p = s.p.data();
-      gemm<acc_t, false>(rows, kBwdKeys, D, q_rows, Dp, 1, s.kT.data(), kBwdKeys, p, kBwdKeys);
+      if constexpr (kDot)
+        dot_pairs<false>(rows, kBwdKeys, s.Dh, s.q_words.data(), s.Dh, 1, s.kT_words.data(), kBwdKeys, p, kBwdKeys,
+                         1.f);
+      else
+        gemm<acc_t, false>(rows, kBwdKeys, D, q_rows, Dp, 1, s.kT.data(), kBwdKeys, p, kBwdKeys);
       // Whether some query of the tile is hidden from some key by position (see forward_tile).
       const bool crosses_boundary =
           pb.position_masked() &&
@@ -449,12 +510,24 @@ void backward_key_tile(const Problem<scalar_t>& pb, const Gradients<scalar_t, ac
         pz = s.pz.data();
       }
 
-      // dv (keys, Dp) += pzᵀ · do_rows: row j of the product broadcasts pz[i, j].
-      gemm<acc_t, true>(keys, Dp, rows, pz, 1, kBwdKeys, do_rows, Dp, s.dv.data(), Dp);
+      // dv (keys, Dp) += pzᵀ · do_rows: row j of the product broadcasts pz[i, j]
+      // (kDot: dvᵀ (D, kBwdKeys) += do_rowsᵀ · pz, over pairs of queries).
+      const int64_t query_pairs = (rows + 1) / 2;
+      if constexpr (kDot) {
+        pack_row_pairs(pz, rows, kBwdKeys, s.pz_pairs.data());
+        dot_pairs<true>(D, kBwdKeys, query_pairs, s.do_pairs.data(), 1, D, s.pz_pairs.data(), kBwdKeys, s.dv.data(),
+                        kBwdKeys, 1.f);
+      } else {
+        gemm<acc_t, true>(keys, Dp, rows, pz, 1, kBwdKeys, do_rows, Dp, s.dv.data(), Dp);
+      }
       // ds (rows, kBwdKeys) = do_rows · vT, then dS = P ∘ (dP ∘ Z - delta) · scale
       // (∘ (1 - tanh²) with a softcap: the chain rule through c · tanh(s / c)).
       acc_t* ds = s.ds.data();
-      gemm<acc_t, false>(rows, kBwdKeys, D, do_rows, Dp, 1, s.vT.data(), kBwdKeys, ds, kBwdKeys);
+      if constexpr (kDot)
+        dot_pairs<false>(rows, kBwdKeys, s.Dh, s.do_words.data(), s.Dh, 1, s.vT_words.data(), kBwdKeys, ds,
+                         kBwdKeys, 1.f);
+      else
+        gemm<acc_t, false>(rows, kBwdKeys, D, do_rows, Dp, 1, s.vT.data(), kBwdKeys, ds, kBwdKeys);
       for (int64_t i = 0; i < rows; ++i) {
         acc_t* ds_row = ds + i * kBwdKeys;
         const Vec d_i(delta[i]);
@@ -468,9 +541,20 @@ void backward_key_tile(const Problem<scalar_t>& pb, const Gradients<scalar_t, ac
             (Vec::loadu(ds_row + j) * Vec::loadu(s.cap.data() + i * kBwdKeys + j))
                 .store(ds_row + j);
       }
-      // dk (keys, Dp) += dsᵀ · q_rows;  dq rows (rows, Dp) = ds · k_rows.
-      gemm<acc_t, true>(keys, Dp, rows, ds, 1, kBwdKeys, q_rows, Dp, s.dk.data(), Dp);
-      gemm<acc_t, false>(rows, Dp, keys, ds, kBwdKeys, 1, k_rows, Dp, s.dq.data(), Dp);
+      // dk (keys, Dp) += dsᵀ · q_rows;  dq rows (rows, Dp) = ds · k_rows
+      // (kDot: dkᵀ (D, kBwdKeys) += q_rowsᵀ · ds over pairs of queries, dq over pairs of keys).
+      if constexpr (kDot) {
+        pack_row_pairs(ds, rows, kBwdKeys, s.ds_pairs.data());
+        dot_pairs<true>(D, kBwdKeys, query_pairs, s.q_pairs.data(), 1, D, s.ds_pairs.data(), kBwdKeys, s.dk.data(),
+                        kBwdKeys, 1.f);
+        for (int64_t i = 0; i < rows; ++i)
+          round_to_words(ds + i * kBwdKeys, kBwdKeys, s.ds_words.data() + i * (kBwdKeys / 2));
+        dot_pairs<false>(rows, Dp, (keys + 1) / 2, s.ds_words.data(), kBwdKeys / 2, 1, s.k_pairs.data(), Dp,
+                         s.dq.data(), Dp, 1.f);
+      } else {
+        gemm<acc_t, true>(keys, Dp, rows, ds, 1, kBwdKeys, q_rows, Dp, s.dk.data(), Dp);
+        gemm<acc_t, false>(rows, Dp, keys, ds, kBwdKeys, 1, k_rows, Dp, s.dq.data(), Dp);
+      }
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t d = 0; d < D; ++d) dq[(q0 + i) * D + d] += s.dq[i * Dp + d];
     }
@@ -478,10 +562,12 @@ void backward_key_tile(const Problem<scalar_t>& pb, const Gradients<scalar_t, ac
 
   scalar_t* grad_k = g.grad_k + (bkv * Tk + k0) * D;
   scalar_t* grad_v = g.grad_v + (bkv * Tk + k0) * D;
+  // dk, dv: (key, dim) at j * Dp + d, or (dim, key) at d * kBwdKeys + j with kDot.
+  const int64_t key_step = kDot ? 1 : Dp, dim_step = kDot ? kBwdKeys : 1;
   for (int64_t j = 0; j < keys; ++j)
     for (int64_t d = 0; d < D; ++d) {
-      grad_k[j * D + d] = static_cast<scalar_t>(s.dk[j * Dp + d]);
-      grad_v[j * D + d] = static_cast<scalar_t>(s.dv[j * Dp + d]);
+      grad_k[j * D + d] = static_cast<scalar_t>(s.dk[j * key_step + d * dim_step]);
+      grad_v[j * D + d] = static_cast<scalar_t>(s.dv[j * key_step + d * dim_step]);
     }
 }
 
@@ -494,14 +580,14 @@ int64_t key_groups(int64_t BHkv, int64_t key_tiles) {
   return std::clamp<int64_t>(threads / std::gcd(BHkv, threads), 1, std::max<int64_t>(key_tiles, 1));
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool kDot>
 void backward(const Problem<scalar_t>& pb, const Gradients<scalar_t, acc_t>& g, int64_t groups) {
   const int64_t BH = pb.B * pb.H, BHkv = pb.B * pb.Hkv;
   const int64_t key_tiles = (pb.Tk + kBwdKeys - 1) / kBwdKeys;
   // Task t: kv head t % BHkv, key group t / BHkv (group 0 holds the earliest keys: the most
   // work). The task owns its keys' dK, dV rows for all the query heads of the kv head.
   run_tasks<BackwardScratch<acc_t>>(
-      BHkv * groups, [&] { return BackwardScratch<acc_t>(pb.D); },
+      BHkv * groups, [&] { return BackwardScratch<acc_t>(pb.D, kDot); },
       [&](int64_t task, BackwardScratch<acc_t>& scratch) {
         const int64_t bkv = task % BHkv, group = task / BHkv;
         acc_t* dq = g.dq_partial + group * BH * pb.Tq * pb.D;  // (B, H, Tq, D)
@@ -509,9 +595,9 @@ void backward(const Problem<scalar_t>& pb, const Gradients<scalar_t, acc_t>& g, 
           const int64_t k0 = tile * kBwdKeys;
           const int64_t keys = std::min(kBwdKeys, pb.Tk - k0);
           if (pb.softcap > 0.0)
-            backward_key_tile<true>(pb, g, bkv, k0, keys, scratch, dq);
+            backward_key_tile<true, kDot>(pb, g, bkv, k0, keys, scratch, dq);
           else
-            backward_key_tile<false>(pb, g, bkv, k0, keys, scratch, dq);
+            backward_key_tile<false, kDot>(pb, g, bkv, k0, keys, scratch, dq);
         }
       });
 }
@@ -614,7 +700,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                                        dq_partial.mutable_data_ptr<acc_t>(),
                                        grad_k.mutable_data_ptr<scalar_t>(),
                                        grad_v.mutable_data_ptr<scalar_t>()};
-    backward(pb, g, groups);
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16> && kBf16DotBuilt) {
+      if (has_bf16_dot())
+        backward<scalar_t, acc_t, true>(pb, g, groups);
+      else
+        backward<scalar_t, acc_t, false>(pb, g, groups);
+    } else {
+      backward<scalar_t, acc_t, false>(pb, g, groups);
+    }
     grad_q = direct ? dq_partial : dq_partial.sum(0).to(q.scalar_type());
   });
   return {grad_q, grad_k, grad_v};
