@@ -12,7 +12,9 @@
 //           v is packed per key pair (D, keys/2), the probabilities P (kept in float32 for the
 //           softmax) are rounded to bfloat16 and interleaved in pairs of keys, as FlashAttention
 //           rounds P to the input dtype before its P·V product.
-// Odd D or an odd number of keys is padded with a zero bfloat16.
+// Odd D or an odd number of keys is padded with a zero bfloat16. The backward packs its five
+// products the same way, over pairs of head dims, of queries or of keys (attention.cpp,
+// BackwardScratch): the reduction dimension of each product is the one in pairs.
 //
 // The kernels are compiled for AVX-512 BF16 with a function-level target, inside the AVX-512
 // level (whose other code must still run on AVX-512 CPUs without BF16, e.g. Skylake-X or Ice
