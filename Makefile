@@ -44,7 +44,7 @@ bench: build
 	$(PY) -m fastgpt bench attention
 
 bench-results: build
-	for b in attention "attention --scenario gqa" "attention --scenario window" "attention --scenario bf16" layernorm rmsnorm "model --arch gpt2" "model --arch llama3" "model --arch qwen3" "model --arch gemma3" decode context-parallel; do \
+	for b in attention "attention --scenario gqa" "attention --scenario window" "attention --scenario bf16" layernorm "layernorm --scenario fwdbwd" rmsnorm "model --arch gpt2" "model --arch llama3" "model --arch qwen3" "model --arch gemma3" decode context-parallel; do \
 	  $(PY) -m fastgpt bench $$b --out-dir benchmarks/results || exit 1; done
 
 # Reuses the objects `make build` compiled (setup.cfg: build_ext build_temp), so run it after build.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastgpt
 from fastgpt import cli, reference
@@ -312,6 +313,9 @@ def test_layer_norm_bytes():
     # fwd: x, y (rows·C) + weight, bias (C); bwd: x, dy, dx + weight, dweight, dbias + float32 mean, rstd
     assert layer_norm.layer_norm_bytes(10, 8, torch.float32, "fwd") == (2 * 80 + 2 * 8) * 4
     assert layer_norm.layer_norm_bytes(10, 8, torch.bfloat16, "bwd") == (3 * 80 + 3 * 8) * 2 + 2 * 10 * 4
+    # fwd+bwd: x, y, y (the sum) or dy, x, dx; weight, bias, weight, dweight, dbias; mean, rstd written and read
+    for pass_ in ("fwd_bwd_sum", "fwd_bwd_dense"):
+        assert layer_norm.layer_norm_bytes(10, 8, torch.float32, pass_) == (5 * 80 + 5 * 8) * 4 + 4 * 10 * 4
 
 
 def test_layer_norm_bench_end_to_end(tmp_path):
@@ -334,6 +338,42 @@ def test_layer_norm_bench_end_to_end(tmp_path):
     assert stored["results"] == data["results"] and stored["environment"]["device_kind"] == "cpu"
     markdown = (tmp_path / "cpu_layer_norm.md").read_text()
     assert "### forward (fwd)" in markdown and "### backward (bwd)" in markdown and "copy GB/s" in markdown
+
+
+def test_layer_norm_fwdbwd_scenario(tmp_path):
+    """Forward + backward through autograd, for y.sum() and a dense dy, in float32 and bfloat16, with speedups."""
+    backends = [b for b in cpu_backends() if b != "sdpa"]
+    data = layer_norm.run(["--scenario", "fwdbwd", "--device", "cpu", "--channels", "64,96", "--rows", "32",
+                           "--repeats", "1", "--backends", ",".join(backends), "--out-dir", str(tmp_path)],
+                          show_progress=False)
+    assert data["settings"]["dtypes"] == ["float32", "bfloat16"]
+    assert [(c["dtype"], c["C"]) for c in data["copy"]] == [("float32", 64), ("float32", 96),
+                                                             ("bfloat16", 64), ("bfloat16", 96)]
+    points = {(r["pass"], r["dtype"], r["C"], r["impl"]) for r in data["results"]}
+    assert points == {(p, d, c, i) for p in ("fwd_bwd_sum", "fwd_bwd_dense") for d in ("float32", "bfloat16")
+                      for c in (64, 96) for i in ["torch"] + backends}
+    for row in data["results"]:
+        assert row["status"] == "ok", row
+        assert row["bytes"] == layer_norm.layer_norm_bytes(32, row["C"], getattr(torch, row["dtype"]), row["pass"])
+        torch_row = rows_of(data, impl="torch", dtype=row["dtype"], C=row["C"], **{"pass": row["pass"]})[0]
+        assert row["speedup_vs_torch"] == pytest.approx(torch_row["time_us"] / row["time_us"])
+    assert not (tmp_path / "cpu_layer_norm.json").exists()
+    markdown = (tmp_path / "cpu_layer_norm_fwdbwd.md").read_text()
+    assert "(fwd_bwd_sum)" in markdown and "(fwd_bwd_dense)" in markdown and "### forward (fwd)" not in markdown
+    assert all(f"{name} vs torch" in markdown for name in backends)
+
+
+def test_layer_norm_fwdbwd_pass_differentiates_through_the_backend():
+    """A fwd_bwd call returns the gradients of x, weight and bias of y.sum() (fwd_bwd_sum) or of y with dy."""
+    x, weight, bias, grad_y = torch.randn(5, 16), 1 + torch.randn(16), torch.randn(16), torch.randn(5, 16)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    y = F.layer_norm(leaves[0], (16,), leaves[1], leaves[2], 1e-5)
+    expected = {"fwd_bwd_sum": torch.autograd.grad(y.sum(), leaves, retain_graph=True),
+                "fwd_bwd_dense": torch.autograd.grad(y, leaves, grad_y)}
+    for pass_, want in expected.items():
+        got = layer_norm._pass_call(layer_norm.fastgpt_layer_norm("naive"), x, weight, bias, grad_y, pass_)()
+        for got_grad, want_grad in zip(got, want, strict=True):
+            torch.testing.assert_close(got_grad, want_grad)
 
 
 # ---- RMSNorm ----------------------------------------------------------------------------------

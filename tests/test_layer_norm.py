@@ -9,12 +9,17 @@ import torch
 import fastgpt
 from fastgpt import reference
 from checks import GRAD_LAYOUTS, assert_close, grad_in_layout
-from conftest import skip_unsupported_dtype
+from conftest import require_backend, skip_unsupported_dtype
 
 EPS = 1e-5
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # (rows, C): rows 1, 7, 1023, 1500 and C 1, 7, 64, 768, 1600, 4099 (not a power of two: vector tails).
 SHAPES = ((1, 1), (7, 7), (1023, 64), (1500, 768), (7, 1600), (2, 4099))
+# (rows, C, dtype) with y and grad_x of 16 MiB or more, which the CPU kernels write with streaming
+# stores (csrc/cpu/norm_rows.h, kStreamingMinBytes): rows aligned to the vector (C 1024, 2048) and
+# rows that mostly are not (C 1025: only every 16th float32 row starts on a 64-byte boundary).
+LARGE_SHAPES = ((4096, 1024, torch.float32), (4099, 2048, torch.bfloat16), (2048, 1024, torch.float64),
+                (4100, 1025, torch.float32))
 
 
 def make_inputs(shape, dtype, device, offset=0.0, seed=0):
@@ -58,6 +63,11 @@ def test_matches_oracle(kernel, shape, dtype):
     backend, device = kernel
     skip_unsupported_dtype(backend, device, dtype)
     check_against_oracle(backend, *make_inputs(shape, dtype, device))
+
+
+@pytest.mark.parametrize("rows, C, dtype", LARGE_SHAPES, ids=lambda v: str(v).replace("torch.", ""))
+def test_large_cpu_outputs_match_oracle(rows, C, dtype):
+    check_against_oracle("cpu", *make_inputs((rows, C), dtype, require_backend("cpu")))
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)

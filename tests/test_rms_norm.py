@@ -23,6 +23,11 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # (rows, C): C = 1, primes, 1500 and 4099 (not multiples of the vector width: tails); 1023 rows.
 SHAPES = ((1, 1), (31, 1), (7, 13), (1023, 1500), (3, 4099))
 OFFSETS = (0.0, 1.0)
+# (rows, C, dtype) with y and grad_x of 16 MiB or more, which the CPU kernels write with
+# streaming stores (csrc/cpu/norm_rows.h, kStreamingMinBytes): rows aligned to the vector (C 1024,
+# 2048) and rows that mostly are not (C 1025).
+LARGE_SHAPES = ((4096, 1024, torch.float32), (4099, 2048, torch.bfloat16), (2048, 1024, torch.float64),
+                (4100, 1025, torch.float32))
 
 
 def make_inputs(shape, dtype, device, offset=0.0, seed=0):
@@ -106,6 +111,13 @@ def test_add_rms_norm_matches_oracle(kernel, shape, dtype, offset):
     skip_unsupported_dtype(backend, device, dtype)
     x, residual, weight, grad_y, grad_sum = make_inputs(shape, dtype, device, offset)
     check_add_rms_norm(backend, x, residual, weight, grad_y, grad_sum, offset)
+
+
+@pytest.mark.parametrize("rows, C, dtype", LARGE_SHAPES, ids=lambda v: str(v).replace("torch.", ""))
+def test_large_cpu_outputs_match_oracle(rows, C, dtype):
+    x, residual, weight, grad_y, grad_sum = make_inputs((rows, C), dtype, require_backend("cpu"))
+    check_rms_norm("cpu", x, weight, grad_y, 0.0)
+    check_add_rms_norm("cpu", x, residual, weight, grad_y, grad_sum, 0.0)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)

@@ -23,6 +23,11 @@
 //           grad_weight += grad_y · x̂,  grad_bias += grad_y    (this chunk's partial sums)
 // grad_weight and grad_bias are sums over all N rows, taken per chunk of rows and then over the
 // chunks in a fixed order (csrc/cpu/norm_rows.h): bitwise the same whatever at::get_num_threads() is.
+//
+// Both passes are memory bound, and so is what the memory system does around them: y and grad_x
+// are fresh tensors, which ask for transparent huge pages (a first touch faults once per 2 MiB,
+// not per 4 KiB) and, from 16 MiB on, are written with streaming stores (no read of each line
+// before it is overwritten); see csrc/cpu/norm_rows.h.
 
 // No implicit fused multiply-adds (GCC and clang contract a * b + c by default): where the
 // backward subtracts mean(g) from g, both must be the same rounded products, or a row of C = 1
@@ -49,7 +54,7 @@ namespace {
 template <typename scalar_t>
 void layer_norm_fwd_rows(const scalar_t* x, const scalar_t* weight, const scalar_t* bias, scalar_t* y,
                          acc_t<scalar_t>* mean_out, acc_t<scalar_t>* rstd_out, int64_t N, int64_t C,
-                         acc_t<scalar_t> eps) {
+                         acc_t<scalar_t> eps, bool stream_y) {
   using acc = acc_t<scalar_t>;
   using Vec = AccVec<scalar_t>;
   parallel_rows(N, C, [&](int64_t row) {
@@ -75,7 +80,7 @@ void layer_norm_fwd_rows(const scalar_t* x, const scalar_t* weight, const scalar
     // the small correction c is taken off.
     for_each_block<Vec>(C, [&](int64_t j, int64_t n) {
       const Vec x_hat = ((load(x_row + j, n) - m_vec) - c_vec) * rstd_vec;
-      store(y_row + j, at::vec::fmadd(x_hat, load(weight + j, n), load(bias + j, n)), n);
+      store_output(y_row + j, at::vec::fmadd(x_hat, load(weight + j, n), load(bias + j, n)), n, stream_y);
     });
   });
 }
@@ -86,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   TORCH_CHECK(eps > 0, "fastgpt::layer_norm_fwd: eps must be positive, got ", eps);
   const int64_t N = x.size(0), C = x.size(1);
   const at::Tensor x_rows = x.contiguous(), w = weight.contiguous(), b = bias.contiguous();
-  at::Tensor y = at::empty_like(x_rows);  // (N, C)
+  at::Tensor y = with_huge_pages(at::empty_like(x_rows));  // (N, C)
   at::Tensor mean = at::empty({N}, x.options().dtype(layer_norm_stats_dtype(x)));  // (N,)
   at::Tensor rstd = at::empty({N}, x.options().dtype(layer_norm_stats_dtype(x)));  // (N,)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastgpt::layer_norm_fwd", [&] {
@@ -94,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
     layer_norm_fwd_rows<scalar_t>(x_rows.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                   b.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                                   mean.mutable_data_ptr<acc>(), rstd.mutable_data_ptr<acc>(), N, C,
-                                  static_cast<acc>(eps));
+                                  static_cast<acc>(eps), streams(y));
   });
   return {y, mean, rstd};
 }
@@ -103,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
 template <typename scalar_t>
 void layer_norm_bwd_rows(const scalar_t* grad_y, int64_t dy_stride, const scalar_t* x, const scalar_t* weight,
                          const acc_t<scalar_t>* mean, const acc_t<scalar_t>* rstd, scalar_t* grad_x,
-                         scalar_t* grad_weight, scalar_t* grad_bias, int64_t N, int64_t C) {
+                         scalar_t* grad_weight, scalar_t* grad_bias, int64_t N, int64_t C, bool stream_dx) {
   using acc = acc_t<scalar_t>;
   using Vec = AccVec<scalar_t>;
   // Each row adds dy · x̂ and dy into its chunk's partial (2, C): grad_weight, then grad_bias.
@@ -131,7 +136,7 @@ void layer_norm_bwd_rows(const scalar_t* grad_y, int64_t dy_stride, const scalar
       const Vec dy = load(dy_row + j, n);
       const Vec x_hat = ((load(x_row + j, n) - mean_vec) - c_vec) * r_vec;
       const Vec g = dy * load(weight + j, n);
-      store(dx_row + j, r_vec * (g - mean_g_vec - x_hat * mean_g_xhat_vec), n);
+      store_output(dx_row + j, r_vec * (g - mean_g_vec - x_hat * mean_g_xhat_vec), n, stream_dx);
       at::vec::fmadd(dy, x_hat, Vec::loadu(dw_part + j, n)).store(dw_part + j, n);
       (Vec::loadu(db_part + j, n) + dy).store(db_part + j, n);
     });
@@ -147,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   const GradRows dy = grad_rows(grad_y);
   const at::Tensor x_rows = x.contiguous(), w = weight.contiguous();
   const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
-  at::Tensor grad_x = at::empty_like(x_rows);  // (N, C)
+  at::Tensor grad_x = with_huge_pages(at::empty_like(x_rows));  // (N, C)
   at::Tensor grad_weight = at::empty_like(w);  // (C,)
   at::Tensor grad_bias = at::empty_like(w);    // (C,)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastgpt::layer_norm_bwd", [&] {
@@ -156,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
                                   w.const_data_ptr<scalar_t>(), mean_c.const_data_ptr<acc>(),
                                   rstd_c.const_data_ptr<acc>(), grad_x.mutable_data_ptr<scalar_t>(),
                                   grad_weight.mutable_data_ptr<scalar_t>(), grad_bias.mutable_data_ptr<scalar_t>(),
-                                  N, C);
+                                  N, C, streams(grad_x));
   });
   return {grad_x, grad_weight, grad_bias};
 }

@@ -2,10 +2,18 @@
 // stores of a row, block loops and sums over it, and the deterministic column sums of their
 // backward passes (grad_weight, grad_bias are sums over all N rows).
 //
-// Column sums: rows are cut into chunks of kRowsPerChunk; each chunk sums its rows into its own
-// (K, C) acc_t row of a scratch tensor, so threads never share an accumulator (no atomics, no
-// locks), then a second parallel loop, over columns, adds the chunk partials in chunk order.
-// Chunks do not depend on the thread count, so the sums are bitwise the same whatever
+// Outputs: a fresh (N, C) output of a few MiB or more is new memory from the OS (glibc mmaps large
+// blocks), and its first touch costs a page fault per 4 KiB page: for 128 MiB that is 32768
+// faults, more time than the kernel's arithmetic and memory traffic together. with_huge_pages
+// asks for 2 MiB transparent huge pages over the output's whole 2 MiB pages before the kernel
+// writes it (what torch's allocator does under THP_MEM_ALLOC_ENABLE=1): 512 times fewer faults.
+// Only a hint: where THP is off, or the memory was already touched, nothing changes.
+//
+// Column sums: rows are cut into chunks (chunk_rows: at least kMinRowsPerChunk rows, at most
+// kMaxChunks chunks); each chunk sums its rows into its own (K, C) acc_t row of a scratch tensor,
+// so threads never share an accumulator (no atomics, no locks), then a second parallel loop, over
+// columns, adds the chunk partials in chunk order.
+// Chunks depend on N alone, never on the thread count, so the sums are bitwise the same whatever
 // at::get_num_threads() is.
 //
 // Everything here sits in an anonymous namespace on purpose: each kernel file compiles these
@@ -18,7 +26,15 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <cstdint>
 #include <initializer_list>
 #include <tuple>
 #include <type_traits>
@@ -31,9 +47,29 @@ using acc_t = at::opmath_type<scalar_t>;
 template <typename scalar_t>
 using AccVec = at::vec::Vectorized<acc_t<scalar_t>>;
 
-// Rows per partial column sum: the scratch is N / kRowsPerChunk × K·C acc_t, a few percent of the
-// traffic of x, grad_y and grad_x.
-constexpr int64_t kRowsPerChunk = 32;
+// Chunks of rows per partial column sum. The scratch, at most kMaxChunks × K·C acc_t, is zeroed,
+// accumulated into and summed once; a cap on the chunks, not a fixed chunk size, keeps it small
+// for many rows (32-row chunks alone would make 8 MiB of partials of 8192 rows at C = 4096, K = 2),
+// and 64 chunks still feed 64 threads.
+constexpr int64_t kMinRowsPerChunk = 32;
+constexpr int64_t kMaxChunks = 64;
+
+inline int64_t chunk_rows(int64_t N) {
+  return std::max(kMinRowsPerChunk, (N + kMaxChunks - 1) / kMaxChunks);
+}
+
+// t, with transparent huge pages asked for over its whole 2 MiB pages (see the top of this file).
+inline at::Tensor with_huge_pages(at::Tensor t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  const uintptr_t data = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (data + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (data + t.nbytes()) & ~(kHugePage - 1);
+  // The result is ignored: a refused hint leaves ordinary pages, which are correct too.
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+  return t;
+}
 
 // Loads the n <= AccVec::size() elements at p as acc_t; lanes past n are zero.
 template <typename scalar_t>
@@ -59,6 +95,58 @@ inline void store(scalar_t* p, const AccVec<scalar_t>& v, int64_t n) {
   } else {
     at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
   }
+}
+
+// Outputs of at least this many bytes are written with streaming stores (store_output): an
+// ordinary store first reads the line it writes (write-allocate), a streaming one does not, so
+// an output of rows·C elements costs rows·C elements less read traffic, but bypasses the caches.
+// Below about the size of a last-level cache, an output written the ordinary way may still be
+// cached when the next op reads it; above, it is not anyway.
+constexpr int64_t kStreamingMinBytes = int64_t(16) << 20;
+
+inline bool streams(const at::Tensor& output) {
+  return static_cast<int64_t>(output.nbytes()) >= kStreamingMinBytes;
+}
+
+// store(), or where `streaming` (streams(output)), a streaming store for a full block at a p
+// aligned to the stored bytes, at the ISA levels that have them: for the last write of an output
+// that the kernel does not read again. Streaming stores are weakly ordered: every parallel task
+// ends with stream_fence().
+template <typename scalar_t>
+inline void store_output(scalar_t* p, const AccVec<scalar_t>& v, int64_t n, bool streaming) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  using Vec = AccVec<scalar_t>;
+  if (streaming && n == Vec::size() && reinterpret_cast<uintptr_t>(p) % (Vec::size() * sizeof(scalar_t)) == 0) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm512_stream_ps(p, v);
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      _mm512_stream_pd(p, v);
+    } else {  // 16 half-precision lanes: the low half of the converted vector
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p),
+                          _mm512_castsi512_si256(at::vec::convert_from_float<scalar_t>(v, v)));
+    }
+#else
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm256_stream_ps(p, v);
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      _mm256_stream_pd(p, v);
+    } else {  // 8 half-precision lanes: the low half of the converted vector
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p),
+                       _mm256_castsi256_si128(at::vec::convert_from_float<scalar_t>(v, v)));
+    }
+#endif
+    return;
+  }
+#endif
+  store(p, v, n);
+}
+
+// Orders this thread's streaming stores before whatever it does next (the end of its parallel task).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
 }
 
 // Calls f(j, n) for the blocks [j, j + n) of a row of C columns: full blocks of Vec::size(),
@@ -132,6 +220,7 @@ inline void parallel_rows(int64_t N, int64_t C, const F& row_fn) {
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / C);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) row_fn(row);
+    stream_fence();
   });
 }
 
@@ -143,20 +232,23 @@ void rows_with_column_sums(int64_t N, int64_t C, std::initializer_list<scalar_t*
   using acc = acc_t<scalar_t>;
   using Vec = AccVec<scalar_t>;
   const int64_t K = static_cast<int64_t>(column_sums.size());
-  const int64_t num_chunks = (N + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t rows_per_chunk = chunk_rows(N);
+  const int64_t num_chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
   at::Tensor partials_buffer;  // (num_chunks, K, C)
   acc* partials = nullptr;
   if (K > 0) {
-    partials_buffer = at::empty({num_chunks, K, C}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
+    partials_buffer = with_huge_pages(
+        at::empty({num_chunks, K, C}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value)));
     partials = partials_buffer.mutable_data_ptr<acc>();
   }
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc* partial = K == 0 ? nullptr : partials + chunk * K * C;  // (K, C)
       if (K > 0) std::fill(partial, partial + K * C, acc(0));
-      const int64_t row_end = std::min(N, (chunk + 1) * kRowsPerChunk);
-      for (int64_t row = chunk * kRowsPerChunk; row < row_end; ++row) row_fn(row, partial);
+      const int64_t row_end = std::min(N, (chunk + 1) * rows_per_chunk);
+      for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) row_fn(row, partial);
     }
+    stream_fence();
   });
   if (K == 0) return;
   const int64_t column_grain =

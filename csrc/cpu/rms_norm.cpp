@@ -25,6 +25,10 @@
 // fixed order (csrc/cpu/norm_rows.h): bitwise the same whatever at::get_num_threads() is.
 // add_rms_norm's backward is this one on `sum` plus the residual path's gradient (added by the op
 // contract, fastgpt/_registration.py).
+//
+// y, sum and grad_x are fresh tensors that ask for transparent huge pages; y and grad_x, written
+// once in the last pass, use streaming stores from 16 MiB on (sum is read back in pass 2, so it
+// stays in the cache); see csrc/cpu/norm_rows.h.
 
 // No implicit fused multiply-adds, as in layer_norm.cpp: the helpers of norm_rows.h are compiled
 // the same way in both kernel files, and results do not change with the compiler's contraction.
@@ -50,7 +54,7 @@ namespace {
 template <typename scalar_t>
 void rms_norm_fwd_rows(const scalar_t* x, const scalar_t* residual, const scalar_t* weight, scalar_t* y,
                        scalar_t* sum, acc_t<scalar_t>* rstd_out, int64_t N, int64_t C, acc_t<scalar_t> eps,
-                       acc_t<scalar_t> offset) {
+                       acc_t<scalar_t> offset, bool stream_y) {
   using acc = acc_t<scalar_t>;
   using Vec = AccVec<scalar_t>;
   const Vec offset_vec(offset);
@@ -79,7 +83,7 @@ void rms_norm_fwd_rows(const scalar_t* x, const scalar_t* residual, const scalar
     const Vec rstd_vec(rstd);
     for_each_block<Vec>(C, [&](int64_t j, int64_t n) {
       const Vec x_hat = load(h_row + j, n) * rstd_vec;
-      store(y_row + j, weight == nullptr ? x_hat : x_hat * (load(weight + j, n) + offset_vec), n);
+      store_output(y_row + j, weight == nullptr ? x_hat : x_hat * (load(weight + j, n) + offset_vec), n, stream_y);
     });
   });
 }
@@ -88,7 +92,7 @@ void rms_norm_fwd_rows(const scalar_t* x, const scalar_t* residual, const scalar
 template <typename scalar_t>
 void rms_norm_bwd_rows(const scalar_t* grad_y, int64_t dy_stride, const scalar_t* x, const scalar_t* weight,
                        const acc_t<scalar_t>* rstd, scalar_t* grad_x, scalar_t* grad_weight, int64_t N, int64_t C,
-                       acc_t<scalar_t> offset) {
+                       acc_t<scalar_t> offset, bool stream_dx) {
   using acc = acc_t<scalar_t>;
   using Vec = AccVec<scalar_t>;
   const Vec offset_vec(offset);
@@ -107,7 +111,7 @@ void rms_norm_bwd_rows(const scalar_t* grad_y, int64_t dy_stride, const scalar_t
     for_each_block<Vec>(C, [&](int64_t j, int64_t n) {
       const Vec dy = load(dy_row + j, n);
       const Vec x_hat = load(x_row + j, n) * r_vec;
-      store(dx_row + j, r_vec * (scaled(dy, j, n) - x_hat * mean_g_xhat_vec), n);
+      store_output(dx_row + j, r_vec * (scaled(dy, j, n) - x_hat * mean_g_xhat_vec), n, stream_dx);
       if (dw_part != nullptr) at::vec::fmadd(dy, x_hat, Vec::loadu(dw_part + j, n)).store(dw_part + j, n);
     });
   };
@@ -125,13 +129,14 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const s
   const int64_t N = x.size(0), C = x.size(1);
   const at::Tensor x_rows = x.contiguous();
   const std::optional<at::Tensor> w = weight.has_value() ? std::optional(weight->contiguous()) : std::nullopt;
-  at::Tensor y = at::empty_like(x_rows);                                            // (N, C)
+  at::Tensor y = with_huge_pages(at::empty_like(x_rows));                          // (N, C)
   at::Tensor rstd = at::empty({N}, x.options().dtype(layer_norm_stats_dtype(x)));  // (N,)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastgpt::rms_norm_fwd", [&] {
     using acc = acc_t<scalar_t>;
     rms_norm_fwd_rows<scalar_t>(x_rows.const_data_ptr<scalar_t>(), nullptr,
                                 w ? w->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(), nullptr,
-                                rstd.mutable_data_ptr<acc>(), N, C, static_cast<acc>(eps), static_cast<acc>(offset));
+                                rstd.mutable_data_ptr<acc>(), N, C, static_cast<acc>(eps), static_cast<acc>(offset),
+                                streams(y));
   });
   return {y, rstd};
 }
@@ -144,15 +149,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd_cpu(const at::Te
   const int64_t N = x.size(0), C = x.size(1);
   const at::Tensor x_rows = x.contiguous(), r_rows = residual.contiguous();
   const std::optional<at::Tensor> w = weight.has_value() ? std::optional(weight->contiguous()) : std::nullopt;
-  at::Tensor y = at::empty_like(x_rows);                                            // (N, C)
-  at::Tensor sum = at::empty_like(x_rows);                                          // (N, C)
+  at::Tensor y = with_huge_pages(at::empty_like(x_rows));                          // (N, C)
+  at::Tensor sum = with_huge_pages(at::empty_like(x_rows));                        // (N, C)
   at::Tensor rstd = at::empty({N}, x.options().dtype(layer_norm_stats_dtype(x)));  // (N,)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastgpt::add_rms_norm_fwd", [&] {
     using acc = acc_t<scalar_t>;
     rms_norm_fwd_rows<scalar_t>(x_rows.const_data_ptr<scalar_t>(), r_rows.const_data_ptr<scalar_t>(),
                                 w ? w->const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>(),
                                 sum.mutable_data_ptr<scalar_t>(), rstd.mutable_data_ptr<acc>(), N, C,
-                                static_cast<acc>(eps), static_cast<acc>(offset));
+                                static_cast<acc>(eps), static_cast<acc>(offset), streams(y));
   });
   return {y, sum, rstd};
 }
@@ -167,14 +172,15 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& grad_y, co
   const GradRows dy = grad_rows(grad_y);
   const at::Tensor x_rows = x.contiguous(), rstd_c = rstd.contiguous();
   const std::optional<at::Tensor> w = weight.has_value() ? std::optional(weight->contiguous()) : std::nullopt;
-  at::Tensor grad_x = at::empty_like(x_rows);                           // (N, C)
+  at::Tensor grad_x = with_huge_pages(at::empty_like(x_rows));        // (N, C)
   at::Tensor grad_weight = at::empty({w ? C : 0}, x_rows.options());  // (C,) or (0,)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fastgpt::rms_norm_bwd", [&] {
     using acc = acc_t<scalar_t>;
     rms_norm_bwd_rows<scalar_t>(dy.rows.const_data_ptr<scalar_t>(), dy.row_stride, x_rows.const_data_ptr<scalar_t>(),
                                 w ? w->const_data_ptr<scalar_t>() : nullptr, rstd_c.const_data_ptr<acc>(),
                                 grad_x.mutable_data_ptr<scalar_t>(),
-                                w ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr, N, C, static_cast<acc>(offset));
+                                w ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr, N, C, static_cast<acc>(offset),
+                                streams(grad_x));
   });
   return {grad_x, grad_weight};
 }

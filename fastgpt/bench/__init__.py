@@ -4,7 +4,7 @@
 - attention (`fastgpt bench attention`, alias `context`): causal attention time and
   memory vs context length, every backend;
 - layer_norm (`fastgpt bench layernorm`): layer norm forward/backward GB/s vs
-  F.layer_norm and the copy bandwidth;
+  F.layer_norm and the copy bandwidth (`--scenario fwdbwd`: both through autograd);
 - rms_norm (`fastgpt bench rmsnorm`): RMSNorm (and add + RMSNorm) forward/backward GB/s;
 - model (`fastgpt bench model --arch gpt2|llama3|qwen3|gemma3`, alias `gpt`): a model of
   fastgpt.models end to end, training-step and KV-cache generation tokens/s per backend
