@@ -136,6 +136,15 @@ inline uint32_t dim_pair(const c10::BFloat16* row, int64_t t, int64_t D) {
   return bf16_word(row[2 * t], 2 * t + 1 < D ? row[2 * t + 1] : c10::BFloat16(0.f));
 }
 
+// Rows x (rows, D) of bfloat16 as words of head-dim pairs (rows, Dh): a row already is its
+// words, but for the zero that pads an odd D.
+inline void pack_dim_pairs(const c10::BFloat16* x, int64_t rows, int64_t D, int64_t Dh, uint32_t* words) {
+  for (int64_t i = 0; i < rows; ++i) {
+    std::memcpy(words + i * Dh, x + i * D, D * sizeof(c10::BFloat16));
+    if (D % 2 == 1) words[i * Dh + Dh - 1] &= 0xffffu;
+  }
+}
+
 // One forward task: queries [q0, q0 + rows) of head bh. out (rows, D) and lse (rows) point at
 // the task's rows of the outputs.
 // kDot: bfloat16 inputs through bf16 dot products (bf16_dot.h): the same pipeline, with the two
@@ -179,8 +188,7 @@ void forward_tile(const Problem<scalar_t>& pb, int64_t bh, int64_t q0, int64_t r
     const acc_t* v_tile = nullptr;
     if constexpr (kDot) {
       std::fill(s.k_words.begin() + tile_keys * Dh, s.k_words.end(), 0u);
-      for (int64_t j = 0; j < tile_keys; ++j)
-        for (int64_t t = 0; t < Dh; ++t) s.k_words[j * Dh + t] = dim_pair(k + (k0 + j) * D, t, D);
+      pack_dim_pairs(k + k0 * D, tile_keys, D, Dh, s.k_words.data());
       for (int64_t u = 0; u < (tile_keys + 1) / 2; ++u) {
         const scalar_t* even = v + (k0 + 2 * u) * D;
         const bool has_odd = 2 * u + 1 < tile_keys;
@@ -342,15 +350,6 @@ struct BackwardScratch {
         pz_pairs(dot ? kBwdQueries / 2 * kBwdKeys : 0), ds_pairs(dot ? kBwdQueries / 2 * kBwdKeys : 0),
         ds_words(dot ? kBwdQueries * kBwdKeys / 2 : 0) {}
 };
-
-// Rows x (rows, D) of bfloat16 as words of head-dim pairs (rows, Dh): a row already is its
-// words, but for the zero that pads an odd D.
-inline void pack_dim_pairs(const c10::BFloat16* x, int64_t rows, int64_t D, int64_t Dh, uint32_t* words) {
-  for (int64_t i = 0; i < rows; ++i) {
-    std::memcpy(words + i * Dh, x + i * D, D * sizeof(c10::BFloat16));
-    if (D % 2 == 1) words[i * Dh + Dh - 1] &= 0xffffu;
-  }
-}
 
 // Rows x (rows, D) of bfloat16 as words of row pairs (ceil(rows / 2), D), row stride ld: word
 // (u, d) holds x[2u, d] and x[2u + 1, d] (zero past the last row).
